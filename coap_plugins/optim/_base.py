@@ -1,0 +1,393 @@
+"""What every COAP optimizer shares: routing, projector set-up and refreshes, state checks, telemetry.
+
+A subclass (Adam or Adafactor form) only says how moments are allocated and updated; the flow of
+one step for a projected parameter is here:
+
+1. ``G`` in fp32; the first usable gradient (finite, not all zero) sets the projector up, and
+   until then the layer only takes weight decay;
+2. ``core = project(G)`` with the projector in use;
+3. when a refresh is due (own schedule, or requested by a framework adapter) and ``core`` is
+   finite, the new projector is computed from ``G``, the reused ``core`` and the moment before
+   this step: a correlation-aware step or the low-cost SVD;
+4. moments updated with ``core``; the update is projected back with the projector that
+   ``core`` and the moments live in, and applied;
+5. the new projector takes over from the next step (``restore_state`` carries the moments into
+   it).  Applying the refresh one step later is what lets one ``G P`` product serve both the
+   projection and the refresh, keeping a refresh step at about 1.5x an ordinary step instead of
+   2x; the sequence of projectors is the one Algorithm 1 computes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, Literal
+
+import torch
+from torch.optim import Optimizer
+
+from ..projection import PROJECTION_KINDS, Projector, build_projector
+from .._checks import check_min_numel, check_positive_int, check_rank, check_ratio
+from ..schedule import ProjectionSchedule
+
+__all__ = ["CoapOptimizer", "COAP_GROUP_KEYS"]
+
+# Settings that decide the shapes of the state: a checkpoint must agree on them to be loaded.
+COAP_GROUP_KEYS = ("projection", "rank", "rank_ratio_matrix", "rank_ratio_conv", "min_conv_numel")
+_PROJECTOR_KEYS = ("proj", "proj_out", "proj_in")
+
+
+def _param_seed(base: int, index: int) -> int:
+    """Distinct, reproducible seed per parameter (its position in the optimizer)."""
+    return (base * 1_000_003 + index * 7_919 + 17) % (2**31 - 1)
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """One reduction instead of an elementwise isfinite: a non-finite element makes the sum
+    non-finite (a finite sum that overflows is treated as non-finite too, which is safe)."""
+    return bool(torch.isfinite(t.sum()))
+
+
+class CoapOptimizer(Optimizer):
+    """Base class of the COAP optimizers (not used directly)."""
+
+    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+        self._projectors: dict[torch.Tensor, tuple[tuple, Projector | None, str]] = {}
+        self._telemetry: dict[torch.Tensor, dict[str, Any]] = {}
+        self.last_refresh_seconds = 0.0
+        super().__init__(params, defaults)
+
+    # -- groups and validation ---------------------------------------------------------------
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        """COAP settings; subclasses extend with their own hyperparameters."""
+        check_rank(group["rank"])
+        check_ratio("rank_ratio_matrix", group["rank_ratio_matrix"])
+        check_ratio("rank_ratio_conv", group["rank_ratio_conv"])
+        check_positive_int("update_interval", group["update_interval"])
+        check_positive_int("reproject_factor", group["reproject_factor"])
+        check_min_numel("min_conv_numel", group["min_conv_numel"])
+        if not isinstance(group["restore_state"], bool):
+            raise ValueError(f"Invalid restore_state: {group['restore_state']!r} (must be True or False)")
+        seed = group["seed"]
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"Invalid seed: {seed!r} (must be an integer)")
+        kinds = group["projection"]
+        if isinstance(kinds, str):
+            kinds = [kinds]
+        elif isinstance(kinds, (list, tuple)):
+            if len(kinds) != len(group["params"]):
+                raise ValueError(
+                    f"Invalid projection: a list of {len(kinds)} kinds for a group of {len(group['params'])} parameters "
+                    "(give one kind per parameter, or one string for the whole group)"
+                )
+        else:
+            raise ValueError(f"Invalid projection: {kinds!r} (expected a kind or a list of kinds)")
+        for kind in kinds:
+            if kind not in PROJECTION_KINDS:
+                raise ValueError(f"Invalid projection kind: {kind!r} (expected one of {', '.join(PROJECTION_KINDS)})")
+        if group["schedule"] not in ("optimizer", "external"):
+            raise ValueError(f"Invalid schedule: {group['schedule']!r} (expected 'optimizer' or 'external')")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group.setdefault("pending_refresh", "none")
+        if isinstance(group["projection"], tuple):
+            group["projection"] = list(group["projection"])
+        try:
+            self._validate_group(group)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_projectors", {})
+        self.__dict__.setdefault("_telemetry", {})
+        self.__dict__.setdefault("last_refresh_seconds", 0.0)
+        for group in self.param_groups:
+            group.setdefault("pending_refresh", "none")
+            group.setdefault("schedule", "optimizer")
+            group.setdefault("restore_state", False)
+            group.setdefault("seed", 0)
+
+    # -- routing -----------------------------------------------------------------------------
+    def _route(self, p: torch.Tensor, group: dict[str, Any], index: int) -> tuple[Projector | None, str]:
+        kinds = group["projection"]
+        kind = kinds if isinstance(kinds, str) else kinds[index]
+        key = (kind, tuple(p.shape), group["rank"], group["rank_ratio_matrix"], group["rank_ratio_conv"], group["min_conv_numel"])
+        cached = self._projectors.get(p)
+        if cached is None or cached[0] != key:
+            proj, reason = build_projector(
+                p.shape,
+                kind,
+                rank=group["rank"],
+                rank_ratio_matrix=group["rank_ratio_matrix"],
+                rank_ratio_conv=group["rank_ratio_conv"],
+                min_conv_numel=group["min_conv_numel"],
+            )
+            cached = (key, proj, reason)
+            self._projectors[p] = cached
+        return cached[1], cached[2]
+
+    def _seed_index(self, p: torch.Tensor) -> int:
+        for i, q in enumerate(q for g in self.param_groups for q in g["params"]):
+            if q is p:
+                return i
+        raise KeyError("parameter is not in this optimizer")
+
+    def routing(self) -> list[dict[str, Any]]:
+        """One row per parameter: group, index, name (when known), shape, projector and reason."""
+        rows = []
+        for gi, group in enumerate(self.param_groups):
+            names = group.get("param_names")
+            for i, p in enumerate(group["params"]):
+                proj, reason = self._route(p, group, i)
+                rows.append({
+                    "group": gi,
+                    "index": i,
+                    "name": names[i] if names else None,
+                    "shape": tuple(p.shape),
+                    "projector": proj,
+                    "reason": reason,
+                })
+        return rows
+
+    # -- external refresh driver -------------------------------------------------------------
+    def drive_refreshes_externally(self, enabled: bool = True) -> None:
+        """Stop (or resume) the optimizer's own refresh schedule; refreshes then happen only when
+        :meth:`request_refresh` asks for them.  Saved in ``param_groups`` (so in checkpoints)."""
+        for group in self.param_groups:
+            group["schedule"] = "external" if enabled else "optimizer"
+
+    def request_refresh(self, kind: Literal["correlation", "svd"]) -> None:
+        """Run a refresh of ``kind`` on every projected parameter at the next :meth:`step`."""
+        if kind not in ("correlation", "svd"):
+            raise ValueError(f"Invalid refresh kind: {kind!r} (expected 'correlation' or 'svd')")
+        for group in self.param_groups:
+            group["pending_refresh"] = kind
+
+    # -- the step ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.last_refresh_seconds = 0.0
+        for group in self.param_groups:
+            self._prepare_group(group)
+            schedule = None
+            if group["schedule"] == "optimizer":
+                schedule = ProjectionSchedule(group["update_interval"], group["reproject_factor"])
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                if torch.is_complex(p) or torch.is_complex(grad):
+                    raise RuntimeError(f"{type(self).__name__} does not support complex parameters (got {p.dtype})")
+                proj, _ = self._route(p, group, i)
+                state = self.state[p]
+                g32 = grad if grad.dtype == torch.float32 else grad.float()
+                if proj is None:
+                    self._full_rank_step(p, g32, state, group)
+                else:
+                    self._projected_step(p, g32, state, group, proj, schedule)
+            group["pending_refresh"] = "none"
+        return loss
+
+    def _prepare_group(self, group: dict[str, Any]) -> None:
+        """Per-group, per-step preparation (e.g. Adafactor's relative step); default: nothing."""
+
+    def _projected_step(
+        self,
+        p: torch.Tensor,
+        g: torch.Tensor,
+        state: dict[str, Any],
+        group: dict[str, Any],
+        proj: Projector,
+        schedule: ProjectionSchedule | None,
+    ) -> None:
+        tel = self._telemetry.setdefault(p, {"waiting": True})
+        if not state:
+            peak = g.abs().amax()
+            if not bool(torch.isfinite(peak) & (peak > 0)):
+                # Nothing to learn from yet (e.g. a block behind a zero-initialised norm): only decay.
+                self._decay_only(p, group)
+                return
+            proj.setup(state, g, _param_seed(group["seed"], self._seed_index(p)))
+            self._init_moments(state, proj.moment_shape, p, group)
+            state["step"] = 0
+            tel["waiting"] = False
+            refresh = "none"
+        else:
+            refresh = group["pending_refresh"]
+            if schedule is not None and refresh == "none":
+                refresh = schedule.refresh_at(state["step"] + 1)
+        state["step"] += 1
+        core, ctx = proj.project(state, g)
+        new = None
+        if refresh != "none":
+            start = time.perf_counter()
+            # A non-finite gradient shows in the projection; such a step never reaches P.
+            if _all_finite(core):
+                new, stats = proj.refresh(state, g, core, ctx, refresh, self._direction_moment(state, core))
+                if all(_all_finite(t) for t in new.values()):
+                    tel.update(refresh=refresh, step=state["step"], recon_error=stats.recon_error, cos=stats.cos)
+                else:
+                    new = None
+            if new is None:
+                tel.update(refresh="skipped (non-finite)", step=state["step"])
+            self.last_refresh_seconds += time.perf_counter() - start
+        self._update_projected(p, core, state, group, proj)
+        if new is not None:
+            if group["restore_state"]:
+                self._rotate_moments(state, proj, new)
+            state.update(new)
+
+    def _decay_only(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        if group["weight_decay"] != 0 and group["lr"] is not None:
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+
+    # -- subclass hooks ----------------------------------------------------------------------
+    def _init_moments(self, state: dict, shape: tuple[int, ...], p: torch.Tensor, group: dict) -> None:
+        raise NotImplementedError
+
+    def _moment_shapes(self, shape: tuple[int, ...], group: dict) -> dict[str, tuple[int, ...]]:
+        """Shapes of the moment tensors for a (projected or full) gradient of ``shape``."""
+        raise NotImplementedError
+
+    def _direction_moment(self, state: dict, core: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _update_projected(self, p, core, state, group, proj) -> None:
+        raise NotImplementedError
+
+    def _full_rank_step(self, p, g, state, group) -> None:
+        raise NotImplementedError
+
+    def _rotate_moments(self, state: dict, proj: Projector, new: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def _full_rank_equivalent_bytes(self, p: torch.Tensor, group: dict) -> int:
+        raise NotImplementedError
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _expected_state_shapes(self, p: torch.Tensor, group: dict, index: int) -> dict[str, tuple[int, ...]]:
+        proj, _ = self._route(p, group, index)
+        if proj is None:
+            return self._moment_shapes(tuple(p.shape), group)
+        return {**proj.state_shapes(), **self._moment_shapes(proj.moment_shape, group)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load like :class:`torch.optim.Optimizer`, refusing a state that does not fit.
+
+        COAP settings that decide shapes (projection kinds, ranks, ratios, size floor) must
+        agree, and every saved tensor must have the shape this optimizer would build; the error
+        says what differs.  Projectors and moments stay fp32 (torch would cast them to the
+        dtype of bf16/fp16 parameters).
+        """
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"loaded state dict has {len(saved_groups)} parameter groups, this optimizer has {len(self.param_groups)}"
+            )
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            for key in COAP_GROUP_KEYS:
+                if key in saved and saved[key] != group[key]:
+                    raise ValueError(
+                        f"Cannot load optimizer state: param group {gi} was saved with {key}={saved[key]!r} "
+                        f"but this optimizer has {key}={group[key]!r}"
+                    )
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"Cannot load optimizer state: param group {gi} was saved with {len(saved['params'])} parameters, "
+                    f"this optimizer has {len(group['params'])}"
+                )
+        saved_state = state_dict["state"]
+        id_map = {}
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            for i, (pid, p) in enumerate(zip(saved["params"], group["params"])):
+                id_map[pid] = p
+                st = saved_state.get(pid)
+                if not st:
+                    continue
+                expected = self._expected_state_shapes(p, group, i)
+                got = {k: tuple(v.shape) for k, v in st.items() if isinstance(v, torch.Tensor)}
+                if got != expected:
+                    where = f"param group {gi}, parameter {i} (shape {tuple(p.shape)})"
+                    missing = sorted(set(expected) - set(got))
+                    extra = sorted(set(got) - set(expected))
+                    diffs = [f"{k}: saved {got[k]}, expected {expected[k]}" for k in expected if k in got and got[k] != expected[k]]
+                    parts = diffs + ([f"missing {missing}"] if missing else []) + ([f"unexpected {extra}"] if extra else [])
+                    raise ValueError(f"Cannot load optimizer state for {where}: " + "; ".join(parts))
+        super().load_state_dict(state_dict)
+        for pid, st in saved_state.items():
+            p = id_map.get(pid)
+            if p is None:
+                continue
+            live = self.state[p]
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor) and live[k].dtype != v.dtype:
+                    live[k] = v.to(device=p.device, copy=True)
+        self._telemetry.clear()
+
+    # -- telemetry ---------------------------------------------------------------------------
+    def state_bytes(self, p: torch.Tensor | None = None) -> int:
+        """Bytes of optimizer state (projectors and moments) for ``p``, or in total."""
+        params = [p] if p is not None else [q for g in self.param_groups for q in g["params"]]
+        return sum(
+            v.numel() * v.element_size()
+            for q in params
+            for v in self.state.get(q, {}).values()
+            if isinstance(v, torch.Tensor)
+        )
+
+    def full_rank_state_bytes(self) -> int:
+        """Bytes of moments the full-rank counterpart (torch AdamW / Adafactor) would hold."""
+        return sum(self._full_rank_equivalent_bytes(p, g) for g in self.param_groups for p in g["params"])
+
+    def waiting_parameters(self) -> list[str]:
+        """Projected parameters still waiting for their first usable gradient (names when known)."""
+        out = []
+        for row in self.routing():
+            p = self.param_groups[row["group"]]["params"][row["index"]]
+            if row["projector"] is not None and not self.state.get(p):
+                out.append(row["name"] or f"group{row['group']}.param{row['index']}")
+        return out
+
+    def coap_report(self) -> dict[str, Any]:
+        """Totals and per-parameter telemetry (reads device scalars: call it when you log)."""
+        layers = []
+        for row in self.routing():
+            p = self.param_groups[row["group"]]["params"][row["index"]]
+            tel = self._telemetry.get(p, {})
+            entry = {
+                "name": row["name"] or f"group{row['group']}.param{row['index']}",
+                "shape": row["shape"],
+                "projector": row["projector"].kind if row["projector"] is not None else "none",
+                "reason": row["reason"],
+                "state_bytes": self.state_bytes(p),
+                "full_rank_bytes": self._full_rank_equivalent_bytes(p, self.param_groups[row["group"]]),
+                "waiting": row["projector"] is not None and not self.state.get(p),
+            }
+            if "refresh" in tel:
+                entry["last_refresh"] = tel["refresh"]
+                entry["last_refresh_step"] = tel["step"]
+                for k in ("recon_error", "cos"):
+                    if k in tel:
+                        entry[k] = float(tel[k])
+            layers.append(entry)
+        total = sum(e["state_bytes"] for e in layers)
+        full = sum(e["full_rank_bytes"] for e in layers)
+        return {
+            "state_bytes": total,
+            "full_rank_bytes": full,
+            "state_ratio": total / full if full else math.nan,
+            "waiting": [e["name"] for e in layers if e["waiting"]],
+            "last_refresh_seconds": self.last_refresh_seconds,
+            "layers": layers,
+        }
+

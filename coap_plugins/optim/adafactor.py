@@ -1,0 +1,227 @@
+"""CoapAdafactor: Adafactor with COAP's projected moments (supplementary Algorithm 1)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..projection import DEFAULT_MIN_CONV_NUMEL, Projector
+from ._base import CoapOptimizer
+from .adamw import ParamsT
+
+__all__ = ["CoapAdafactor", "adafactor_direction"]
+
+
+def _as_matrix(t: torch.Tensor) -> torch.Tensor:
+    """2-D view used for factoring: (first dim, everything else)."""
+    return t.reshape(t.shape[0], -1)
+
+
+def adafactor_direction(
+    grad: torch.Tensor,
+    state: dict,
+    *,
+    beta2t: float,
+    eps1: float,
+    clip_threshold: float,
+) -> torch.Tensor:
+    """Adafactor's normalized, clipped update for ``grad``; updates the second moment in place.
+
+    Tensors of two or more dims keep a factored second moment of their 2-D view (row and
+    column means of ``grad^2 + eps1``); 1-D tensors keep the full one.
+    """
+    sq = grad.square().add_(eps1)
+    if "exp_avg_sq" in state:
+        state["exp_avg_sq"].mul_(beta2t).add_(sq, alpha=1 - beta2t)
+        update = state["exp_avg_sq"].rsqrt().mul_(grad)
+    else:
+        sq2 = _as_matrix(sq)
+        row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+        row.mul_(beta2t).add_(sq2.mean(dim=1), alpha=1 - beta2t)
+        col.mul_(beta2t).add_(sq2.mean(dim=0), alpha=1 - beta2t)
+        r_factor = (row / row.mean()).rsqrt_().unsqueeze(1)
+        c_factor = col.rsqrt().unsqueeze(0)
+        update = (r_factor * c_factor).view(grad.shape).mul_(grad)
+    rms = update.square().mean().sqrt()
+    update.div_((rms / clip_threshold).clamp_(min=1.0))
+    return update
+
+
+class CoapAdafactor(CoapOptimizer):
+    """Adafactor whose first moment and factored second moment live in COAP's projected space.
+
+    The routing, projectors, schedule and per-group overrides are those of
+    :class:`~coap_plugins.CoapAdamW`.  The step follows the usual Adafactor (relative step
+    size, parameter scaling, factored second moment, update clipping) applied to the projected
+    gradient; the first moment averages the clipped update (the learning rate is applied after
+    it, so schedulers take effect at once).
+
+    With ``beta1=None`` (no first moment, the lean setting) the correlation update's direction
+    term uses the current projected gradient ``G P`` in place of the moment: it then rewards
+    keeping the restored gradient aligned with the gradient itself, row by row.
+
+    Args:
+        params: parameters, ``(name, parameter)`` pairs or param-group dicts.
+        lr: external learning rate, or ``None`` for Adafactor's relative step (default None).
+        eps: ``(eps1, eps2)``: regularizer of the squared gradient and floor of the parameter
+            scale (default (1e-30, 1e-3)).
+        clip_threshold: threshold of the update's RMS (default 1.0).
+        decay_rate: exponent of the second-moment decay, ``beta2_t = 1 - t^decay_rate``
+            (default -0.8).
+        beta1: first-moment coefficient, or ``None`` for none (default 0.9, as Algorithm 1).
+        weight_decay: decoupled weight decay, scaled by the step's learning rate (default 0.0).
+        scale_parameter: scale the step by the parameter's RMS (default True).
+        relative_step: time-dependent step size; defaults to ``lr is None``.
+        warmup_init: warm the relative step up from 0 (default False; needs ``relative_step``).
+        rank, rank_ratio_matrix, rank_ratio_conv, update_interval, reproject_factor,
+        restore_state, min_conv_numel, seed: as :class:`~coap_plugins.CoapAdamW`.  With
+            ``restore_state`` the first moment is carried into the new basis; the factored
+            second moment (row and column means) is kept as it is.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3), torch.nn.Flatten(), torch.nn.LazyLinear(10))
+        >>> opt = CoapAdafactor(model.parameters(), rank_ratio_conv=4)
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | None = None,
+        eps: tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
+        beta1: float | None = 0.9,
+        weight_decay: float = 0.0,
+        scale_parameter: bool = True,
+        relative_step: bool | None = None,
+        warmup_init: bool = False,
+        *,
+        rank: int | None = None,
+        rank_ratio_matrix: float | None = None,
+        rank_ratio_conv: float | None = None,
+        update_interval: int = 32,
+        reproject_factor: int = 5,
+        restore_state: bool = False,
+        min_conv_numel: int = DEFAULT_MIN_CONV_NUMEL,
+        seed: int = 0,
+    ) -> None:
+        if relative_step is None:
+            relative_step = lr is None
+        defaults = dict(
+            lr=lr,
+            eps=eps,
+            clip_threshold=clip_threshold,
+            decay_rate=decay_rate,
+            beta1=beta1,
+            weight_decay=weight_decay,
+            scale_parameter=scale_parameter,
+            relative_step=relative_step,
+            warmup_init=warmup_init,
+            projection="auto",
+            rank=rank,
+            rank_ratio_matrix=rank_ratio_matrix,
+            rank_ratio_conv=rank_ratio_conv,
+            update_interval=update_interval,
+            reproject_factor=reproject_factor,
+            restore_state=restore_state,
+            min_conv_numel=min_conv_numel,
+            seed=seed,
+            schedule="optimizer",
+        )
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        lr, beta1 = group["lr"], group["beta1"]
+        if lr is None and not group["relative_step"]:
+            raise ValueError("Invalid learning rate: None needs relative_step=True (or pass a float lr)")
+        if lr is not None:
+            if isinstance(lr, torch.Tensor) or not 0.0 <= lr:
+                raise ValueError(f"Invalid learning rate: {lr}")
+            if group["relative_step"]:
+                raise ValueError(f"Invalid learning rate: {lr} cannot be combined with relative_step=True")
+        if group["warmup_init"] and not group["relative_step"]:
+            raise ValueError("Invalid warmup_init: True needs relative_step=True")
+        eps = group["eps"]
+        if not (isinstance(eps, (tuple, list)) and len(eps) == 2 and all(e >= 0 for e in eps)):
+            raise ValueError(f"Invalid epsilon value: {eps!r} (expected a pair of floats >= 0)")
+        if beta1 is not None and not 0.0 <= beta1 < 1.0:
+            raise ValueError(f"Invalid beta1: {beta1} (must be in [0, 1), or None)")
+        if not -1.0 <= group["decay_rate"] < 0.0:
+            raise ValueError(f"Invalid decay_rate: {group['decay_rate']} (must be in [-1, 0))")
+        if not group["clip_threshold"] > 0.0:
+            raise ValueError(f"Invalid clip_threshold: {group['clip_threshold']} (must be > 0)")
+        if not 0.0 <= group["weight_decay"]:
+            raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
+        super()._validate_group(group)
+
+    # -- moments -----------------------------------------------------------------------------
+    def _moment_shapes(self, shape: tuple[int, ...], group: dict) -> dict[str, tuple[int, ...]]:
+        shapes: dict[str, tuple[int, ...]] = {}
+        if group["beta1"] is not None:
+            shapes["exp_avg"] = shape
+        if len(shape) >= 2:
+            shapes["exp_avg_sq_row"] = (shape[0],)
+            shapes["exp_avg_sq_col"] = (math.prod(shape[1:]),)
+        else:
+            shapes["exp_avg_sq"] = shape
+        return shapes
+
+    def _init_moments(self, state: dict, shape: tuple[int, ...], p: torch.Tensor, group: dict) -> None:
+        for key, s in self._moment_shapes(shape, group).items():
+            state[key] = torch.zeros(s, dtype=torch.float32, device=p.device)
+
+    def _direction_moment(self, state: dict, core: torch.Tensor) -> torch.Tensor:
+        return state["exp_avg"] if "exp_avg" in state else core
+
+    def _rotate_moments(self, state: dict, proj: Projector, new: dict[str, torch.Tensor]) -> None:
+        if "exp_avg" in state:
+            state["exp_avg"] = proj.rotate(state["exp_avg"], state, new, squared=False)
+
+    def _full_rank_equivalent_bytes(self, p: torch.Tensor, group: dict) -> int:
+        shapes = self._moment_shapes(tuple(p.shape), group)
+        return 4 * sum(math.prod(s) for s in shapes.values())
+
+    # -- updates -----------------------------------------------------------------------------
+    def _step_lr(self, p: torch.Tensor, group: dict, step: int) -> float:
+        if group["relative_step"]:
+            min_step = 1e-6 * step if group["warmup_init"] else 1e-2
+            lr = min(min_step, 1.0 / math.sqrt(step))
+        else:
+            lr = group["lr"]
+        if group["scale_parameter"]:
+            rms = float(torch.linalg.vector_norm(p, dtype=torch.float32)) / math.sqrt(p.numel())
+            lr *= max(group["eps"][1], rms)
+        return lr
+
+    def _decay_only(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        if group["weight_decay"] != 0:
+            p.mul_(1 - self._step_lr(p, group, 1) * group["weight_decay"])
+
+    def _apply(self, p: torch.Tensor, g: torch.Tensor, state: dict, group: dict, apply_update) -> None:
+        step = state["step"]
+        lr = self._step_lr(p, group, step)
+        beta2t = 1.0 - math.pow(step, group["decay_rate"])
+        update = adafactor_direction(
+            g, state, beta2t=beta2t, eps1=group["eps"][0], clip_threshold=group["clip_threshold"]
+        )
+        if group["beta1"] is not None:
+            update = state["exp_avg"].lerp_(update, 1 - group["beta1"])
+        if group["weight_decay"] != 0:
+            p.mul_(1 - lr * group["weight_decay"])
+        apply_update(update, -lr)
+
+    def _full_rank_step(self, p: torch.Tensor, g: torch.Tensor, state: dict, group: dict) -> None:
+        if not state:
+            state["step"] = 0
+            self._init_moments(state, tuple(p.shape), p, group)
+        state["step"] += 1
+
+        def apply_update(update: torch.Tensor, alpha: float) -> None:
+            p.add_(update.to(p.dtype), alpha=alpha)
+
+        self._apply(p, g, state, group, apply_update)
+
+    def _update_projected(self, p: torch.Tensor, core: torch.Tensor, state: dict, group: dict, proj: Projector) -> None:
+        self._apply(p, core, state, group, lambda update, alpha: proj.apply_update(p, update, state, alpha))

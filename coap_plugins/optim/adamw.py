@@ -1,0 +1,161 @@
+"""CoapAdamW: AdamW with COAP's projected moments."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..projection import DEFAULT_MIN_CONV_NUMEL, Projector
+from ._base import CoapOptimizer
+
+__all__ = ["CoapAdamW", "adam_moments", "adam_update_scale"]
+
+ParamsT = Any  # an iterable of tensors, of (name, tensor) pairs, or of param-group dicts
+
+
+def adam_moments(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor, beta1: float, beta2: float) -> None:
+    """Adam's moment updates, in place, in the order torch.optim.AdamW applies them."""
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+
+
+def adam_update_scale(lr: float, beta1: float, beta2: float, step: int) -> tuple[float, float]:
+    """``(step_size, sqrt(bias_correction2))`` as torch.optim.AdamW computes them."""
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    return lr / bias_correction1, bias_correction2**0.5
+
+
+class CoapAdamW(CoapOptimizer):
+    """AdamW whose moments live in COAP's low-rank projected space.
+
+    2-D weights get a matrix projector, conv weights above ``min_conv_numel`` a Tucker-2
+    projector, everything else (biases, norms, small convs) the plain AdamW update; a
+    :class:`~coap_plugins.CoapPolicy` decides per parameter instead when its groups are passed.
+    Every COAP setting can be overridden per param group.
+
+    Args:
+        params: parameters, ``(name, parameter)`` pairs or param-group dicts.  Groups may set
+            ``projection`` to one of ``"auto" | "matrix" | "tucker2" | "none"`` or to a list with
+            one kind per parameter.
+        lr: learning rate (default 1e-3).
+        betas: coefficients of the running averages (default (0.9, 0.999)).
+        eps: term added to the denominator (default 1e-8, as torch).
+        weight_decay: decoupled weight decay, applied as torch.optim.AdamW does (default 1e-2).
+        rank: rank of matrix projectors when no ratio is given (default None).
+        rank_ratio_matrix: matrix rank = min(m, n) // ratio; wins over ``rank`` (default None;
+            with neither, ratio 4).
+        rank_ratio_conv: Tucker-2 ranks = O // sqrt(ratio), I // sqrt(ratio) (default None = 4).
+        update_interval: T_u, steps between projector refreshes (default 32).
+        reproject_factor: lambda, every lambda-th refresh is a low-cost SVD (default 5).
+        restore_state: carry the moments into the new basis when the projector changes
+            (default False, as the reference).
+        min_conv_numel: convs with at most this many elements stay full rank (default 9216).
+        seed: base seed of the projectors' random starts (default 0).
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+        >>> opt = CoapAdamW(model.parameters(), lr=1e-3, rank_ratio_matrix=4, update_interval=32)
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        rank: int | None = None,
+        rank_ratio_matrix: float | None = None,
+        rank_ratio_conv: float | None = None,
+        update_interval: int = 32,
+        reproject_factor: int = 5,
+        restore_state: bool = False,
+        min_conv_numel: int = DEFAULT_MIN_CONV_NUMEL,
+        seed: int = 0,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            projection="auto",
+            rank=rank,
+            rank_ratio_matrix=rank_ratio_matrix,
+            rank_ratio_conv=rank_ratio_conv,
+            update_interval=update_interval,
+            reproject_factor=reproject_factor,
+            restore_state=restore_state,
+            min_conv_numel=min_conv_numel,
+            seed=seed,
+            schedule="optimizer",
+        )
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        lr, eps, wd, betas = group["lr"], group["eps"], group["weight_decay"], group["betas"]
+        if isinstance(lr, torch.Tensor):
+            raise ValueError("Invalid learning rate: a Tensor lr is not supported, pass a float")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise ValueError(f"Invalid betas: {betas!r} (expected a pair of floats in [0, 1))")
+        for i, b in enumerate(betas):
+            if not 0.0 <= b < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {b} (must be in [0, 1))")
+        if not 0.0 <= wd:
+            raise ValueError(f"Invalid weight_decay value: {wd}")
+        super()._validate_group(group)
+
+    # -- moments -----------------------------------------------------------------------------
+    def _moment_shapes(self, shape: tuple[int, ...], group: dict) -> dict[str, tuple[int, ...]]:
+        return {"exp_avg": shape, "exp_avg_sq": shape}
+
+    def _init_moments(self, state: dict, shape: tuple[int, ...], p: torch.Tensor, group: dict) -> None:
+        state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+        state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+
+    def _direction_moment(self, state: dict, core: torch.Tensor) -> torch.Tensor:
+        return state["exp_avg"]
+
+    def _rotate_moments(self, state: dict, proj: Projector, new: dict[str, torch.Tensor]) -> None:
+        # The first moment rotates exactly; the second moment is an elementwise average of
+        # squares, carried by the squared rotation (keeps it non-negative; exact for
+        # permutations and sign flips of the basis).
+        state["exp_avg"] = proj.rotate(state["exp_avg"], state, new, squared=False)
+        state["exp_avg_sq"] = proj.rotate(state["exp_avg_sq"], state, new, squared=True).clamp_min_(0)
+
+    def _full_rank_equivalent_bytes(self, p: torch.Tensor, group: dict) -> int:
+        return 2 * p.numel() * p.element_size()
+
+    # -- updates -----------------------------------------------------------------------------
+    def _full_rank_step(self, p: torch.Tensor, g: torch.Tensor, state: dict, group: dict) -> None:
+        """The torch.optim.AdamW single-tensor update (bit-identical for fp32 parameters)."""
+        beta1, beta2 = group["betas"]
+        lr, wd = group["lr"], group["weight_decay"]
+        if not state:
+            state["step"] = 0
+            self._init_moments(state, tuple(p.shape), p, group)
+        state["step"] += 1
+        p.mul_(1 - lr * wd)
+        adam_moments(state["exp_avg"], state["exp_avg_sq"], g, beta1, beta2)
+        step_size, bc2_sqrt = adam_update_scale(lr, beta1, beta2, state["step"])
+        denom = (state["exp_avg_sq"].sqrt() / bc2_sqrt).add_(group["eps"])
+        if p.dtype == torch.float32:
+            p.addcdiv_(state["exp_avg"], denom, value=-step_size)
+        else:
+            p.add_((state["exp_avg"] / denom).to(p.dtype), alpha=-step_size)
+
+    def _update_projected(self, p: torch.Tensor, core: torch.Tensor, state: dict, group: dict, proj: Projector) -> None:
+        beta1, beta2 = group["betas"]
+        lr, wd = group["lr"], group["weight_decay"]
+        adam_moments(state["exp_avg"], state["exp_avg_sq"], core, beta1, beta2)
+        step_size, bc2_sqrt = adam_update_scale(lr, beta1, beta2, state["step"])
+        denom = (state["exp_avg_sq"].sqrt() / bc2_sqrt).add_(group["eps"])
+        update = torch.div(state["exp_avg"], denom, out=denom)
+        p.mul_(1 - lr * wd)
+        proj.apply_update(p, update, state, -step_size)

@@ -1,0 +1,102 @@
+"""Projectors: matrix (2-D weights) and Tucker-2 (conv weights), and the routing between them."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Union
+
+import torch
+
+from .matrix import MatrixProjector, RefreshKind, RefreshStats
+from .tucker import Tucker2Projector
+
+__all__ = [
+    "DEFAULT_MIN_CONV_NUMEL",
+    "DEFAULT_RANK_RATIO",
+    "PROJECTION_KINDS",
+    "MatrixProjector",
+    "ProjectionKind",
+    "Projector",
+    "RefreshKind",
+    "RefreshStats",
+    "Tucker2Projector",
+    "build_projector",
+]
+
+Projector = Union[MatrixProjector, Tucker2Projector]
+ProjectionKind = Literal["auto", "matrix", "tucker2", "none"]
+PROJECTION_KINDS: tuple[str, ...] = ("auto", "matrix", "tucker2", "none")
+
+# The reference leaves convs with <= 32*32*3*3 elements at full rank.
+DEFAULT_MIN_CONV_NUMEL = 32 * 32 * 3 * 3
+# With neither a rank nor a ratio, ratio 4 applies (the reference crashes there instead).
+DEFAULT_RANK_RATIO = 4.0
+
+
+def build_projector(
+    shape: tuple[int, ...] | torch.Size,
+    kind: str = "auto",
+    *,
+    rank: int | None = None,
+    rank_ratio_matrix: float | None = None,
+    rank_ratio_conv: float | None = None,
+    min_conv_numel: int = DEFAULT_MIN_CONV_NUMEL,
+) -> tuple[Projector | None, str]:
+    """Decide how a weight of ``shape`` is projected; returns ``(projector or None, reason)``.
+
+    ``None`` means the full-rank update.  ``kind="auto"`` routes by shape: 2-D -> matrix, 4-D
+    -> Tucker-2, anything else full rank; convs with at most ``min_conv_numel`` elements stay
+    full rank.  Ranks:
+
+    * matrix: ``min(m, n) // rank_ratio_matrix`` when a ratio is given (the ratio wins over
+      ``rank``), else ``rank``, else ratio 4; at least 1.
+    * Tucker-2: ``r_O = O // sqrt(rank_ratio_conv)``, ``r_I = I // sqrt(rank_ratio_conv)`` (ratio
+      4 when unset), at least 1 and capped at what the mode's unfolding can hold; 1x1 convs
+      project the output mode only, and a mode whose rank is not below its size stays unprojected.
+
+    A layer whose rank would not be smaller than the dimension it reduces takes the full-rank
+    update (the reason says so).
+    """
+    if kind not in PROJECTION_KINDS:
+        raise ValueError(f"Invalid projection kind: {kind!r} (expected one of {', '.join(PROJECTION_KINDS)})")
+    shape = tuple(int(s) for s in shape)
+    if kind == "none":
+        return None, "full-rank by request"
+    if kind == "auto":
+        if len(shape) == 2:
+            kind = "matrix"
+        elif len(shape) == 4:
+            kind = "tucker2"
+        else:
+            return None, f"{len(shape)}-D tensor (only 2-D and 4-D weights are projected)"
+    if kind == "tucker2" and len(shape) == 4 and math.prod(shape) <= min_conv_numel:
+        return None, f"conv with {math.prod(shape)} <= min_conv_numel={min_conv_numel} elements"
+    if kind == "matrix":
+        if len(shape) != 2:
+            raise ValueError(f"Projection kind 'matrix' needs a 2-D weight, got shape {shape}")
+        short = min(shape)
+        if rank_ratio_matrix is not None:
+            r = max(1, int(short // rank_ratio_matrix))
+        elif rank is not None:
+            r = rank
+        else:
+            r = max(1, int(short // DEFAULT_RANK_RATIO))
+        if r >= short:
+            return None, f"rank {r} is not below min(m, n)={short}"
+        return MatrixProjector(shape, r), f"matrix, rank {r} of {short}"
+    # tucker2
+    if len(shape) != 4:
+        raise ValueError(f"Projection kind 'tucker2' needs a 4-D conv weight, got shape {shape}")
+    out_ch, in_ch, k1, k2 = shape
+    k = k1 * k2
+    root = math.sqrt(rank_ratio_conv if rank_ratio_conv is not None else DEFAULT_RANK_RATIO)
+    r_out = min(max(1, int(out_ch // root)), out_ch, in_ch * k)
+    r_in: int | None = min(max(1, int(in_ch // root)), in_ch, out_ch * k)
+    if k == 1 or r_in >= in_ch:
+        r_in = None
+    if r_out >= out_ch:
+        return None, f"output rank {r_out} is not below O={out_ch}"
+    what = f"tucker2, ranks ({r_out}, {r_in if r_in is not None else in_ch}) of ({out_ch}, {in_ch})"
+    if r_in is None:
+        what += " (output mode only)"
+    return Tucker2Projector(shape, r_out, r_in), what

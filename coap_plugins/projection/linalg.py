@@ -1,0 +1,169 @@
+"""Matrix kernels of COAP, written for one "tall" problem.
+
+Every projector (matrix or one mode of a Tucker-2 core) reduces to the same problem: a matrix
+``H`` (m x n) whose *columns* are projected by an orthonormal-ish ``P`` (n x r), with the
+projection ``A = H @ P`` (m x r) and the projected first moment ``M`` (m x r).  The functions
+here take ``A`` from the caller, because the optimizer has already computed it for the
+projection: the correlation update then needs one more ``H^T X`` product with an m x r matrix
+``X`` and r x r algebra; the recalibration needs a QR of ``A`` and one ``Q^T H`` product.
+No m x n temporary is formed and autograd is never used.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "CORRELATION_LR",
+    "CORRELATION_MAX_NORM",
+    "CorrelationResult",
+    "correlation_grad",
+    "correlation_loss",
+    "correlation_step",
+    "direction_cosine",
+    "low_cost_svd",
+    "random_orthonormal",
+    "reconstruction_error",
+]
+
+# The reference implementation clips the gradient of the correlation loss to norm 1.0 and takes
+# one SGD step of 0.1 on P (supplementary Sec. 1.1, "eta set to 0.1 by default").
+CORRELATION_LR = 0.1
+CORRELATION_MAX_NORM = 1.0
+
+# Rows of G or of the restored moment with (near) zero norm contribute nothing to the direction
+# term; this guards the divisions without changing any row with a real norm.
+_TINY = 1e-30
+
+
+class CorrelationResult(NamedTuple):
+    """What one correlation-aware update computed (all 0-d tensors stay on the device)."""
+
+    grad: torch.Tensor  # dL/dP, n x r (before clipping)
+    mse: torch.Tensor  # MSE(H P P^T, H)
+    cos: torch.Tensor  # mean row cosine of (M P^T, H)
+    rel_err: torch.Tensor  # ||H - H P P^T|| / ||H||
+
+
+def _row_terms(h: torch.Tensor, a: torch.Tensor, m: torch.Tensor, s: torch.Tensor):
+    """Per-row quantities of the direction term: <M̂_i, H_i>, ||M̂_i||, ||H_i||."""
+    dots = (m * a).sum(dim=1)  # <M_i P^T, H_i> = M_i . (H_i P)
+    m_norm = ((m @ s) * m).sum(dim=1).clamp_min(0).sqrt()  # ||M_i P^T|| = sqrt(M_i S M_i^T)
+    h_norm = torch.linalg.vector_norm(h, dim=1)
+    return dots, m_norm, h_norm
+
+
+def correlation_loss(h: torch.Tensor, p: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Supplementary Eq. 2, computed literally (m x n temporaries): the reference for tests.
+
+    ``L(P) = MSE(H P P^T, H) * (1 - mean_i CosSim(M_i P^T, H_i))``.
+    """
+    g_hat = h @ p @ p.T
+    mse = (g_hat - h).pow(2).mean()
+    m_hat = m @ p.T
+    cos = torch.nn.functional.cosine_similarity(m_hat, h, dim=1, eps=_TINY).mean()
+    return mse * (1 - cos)
+
+
+def correlation_grad(
+    h: torch.Tensor, p: torch.Tensor, a: torch.Tensor, m: torch.Tensor
+) -> CorrelationResult:
+    """Closed form of dL/dP for ``L = MSE(H P P^T, H) * (1 - CosSim_rows(M P^T, H))``.
+
+    With ``A = H P``, ``S = P^T P`` and ``K = H^T H``:
+
+    * ``dMSE/dP = 2/(mn) (K P S + P P^T K P - 2 K P) = 2/(mn) (H^T A (S - 2I) + P A^T A)``
+      (supplementary Eq. 4 with ``Ĝ^T G P = P P^T K P`` and ``G^T Ĝ P = K P S``);
+    * ``dCos/dP = 1/m (H^T (w1 * M) - P M^T (w2 * M))`` with per-row weights
+      ``w1 = 1 / (|M̂_i| |H_i|)`` and ``w2 = <M̂_i, H_i> / (|M̂_i|^3 |H_i|)`` (Eq. 6);
+    * ``dL/dP = dMSE (1 - Cos) - MSE dCos``: the product rule gives a minus where the paper's
+      Eq. 3 prints a plus; ``tests/test_projection.py`` checks this against autograd.
+
+    Both ``H^T`` terms share one product, so the cost is one ``H^T X`` (m n r multiply-adds)
+    plus r x r algebra; ``A`` is the projection the optimizer already holds.
+    """
+    rows, cols = h.shape
+    s = p.T @ p
+    ata = a.T @ a
+    dots, m_norm, h_norm = _row_terms(h, a, m, s)
+    # ||H P P^T - H||^2 = ||H||^2 - 2 tr(A^T A) + tr(A^T A S), with ||H||^2 from the row norms
+    h_sq = h_norm.square().sum()
+    sq_err = (h_sq - 2 * torch.trace(ata) + (ata * s).sum()).clamp_min(0)
+    mse = sq_err / (rows * cols)
+    denom = (m_norm * h_norm).clamp_min(_TINY)
+    valid = (m_norm > 0) & (h_norm > 0)
+    cos_rows = torch.where(valid, dots / denom, torch.zeros_like(dots))
+    cos = cos_rows.mean()
+    w1 = torch.where(valid, 1.0 / denom, torch.zeros_like(denom))
+    w2 = torch.where(valid, cos_rows / m_norm.clamp_min(_TINY).pow(2), torch.zeros_like(denom))
+
+    c_mse = 2.0 * (1 - cos) / (rows * cols)
+    c_cos = mse / rows
+    eye = torch.eye(s.shape[0], dtype=s.dtype, device=s.device)
+    # One H^T product carries both terms: X = c_mse * A (S - 2I) - c_cos * (w1 * M)
+    x = torch.addmm(m * w1[:, None], a, s - 2 * eye, beta=-c_cos, alpha=c_mse)
+    grad = h.T @ x
+    # The r x r terms: P (c_mse A^T A + c_cos M^T (w2 * M))
+    small = torch.addmm(ata, m.T, m * w2[:, None], beta=c_mse, alpha=c_cos)
+    grad.addmm_(p, small)
+    rel_err = (sq_err / h_sq.clamp_min(_TINY)).sqrt()
+    return CorrelationResult(grad, mse, cos, rel_err)
+
+
+def correlation_step(
+    h: torch.Tensor,
+    p: torch.Tensor,
+    a: torch.Tensor,
+    m: torch.Tensor,
+    *,
+    lr: float = CORRELATION_LR,
+    max_norm: float = CORRELATION_MAX_NORM,
+) -> tuple[torch.Tensor, CorrelationResult]:
+    """One clipped gradient step on P; returns the new P (a new tensor) and the loss terms."""
+    res = correlation_grad(h, p, a, m)
+    norm = torch.linalg.vector_norm(res.grad)
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    return torch.add(p, res.grad * scale, alpha=-lr), res
+
+
+def reconstruction_error(h: torch.Tensor, p: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``||H - H P P^T|| / ||H||`` from ``A = H P`` and r x r algebra (exact for any P)."""
+    h_sq = torch.linalg.vector_norm(h).square()
+    ata = a.T @ a
+    sq_err = (h_sq - 2 * torch.trace(ata) + (ata * (p.T @ p)).sum()).clamp_min(0)
+    return (sq_err / h_sq.clamp_min(_TINY)).sqrt()
+
+
+def direction_cosine(h: torch.Tensor, p: torch.Tensor, a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Mean row cosine of ``M P^T`` and ``H`` from ``A = H P`` (the direction term alone)."""
+    dots, m_norm, h_norm = _row_terms(h, a, m, p.T @ p)
+    denom = m_norm * h_norm
+    return torch.where(denom > 0, dots / denom.clamp_min(_TINY), torch.zeros_like(dots)).mean()
+
+
+def low_cost_svd(h: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Recalibrate P from ``A = H P_prev``: ``Q = qr(A)``, ``U S Z^T = svd(Q^T H)``, ``P = Z[:, :r]``.
+
+    O(m n r): one product with H and the factorizations of m x r and r x n matrices, never an
+    m x n SVD.  Returns the new P (n x r, orthonormal columns) and the singular values of
+    ``Q^T H`` (``sum(S^2)`` is the energy of H inside the new subspace, used for telemetry).
+    """
+    q, _ = torch.linalg.qr(a)
+    b = q.T @ h
+    _, sv, zh = torch.linalg.svd(b, full_matrices=False)
+    return zh[:rank].T.contiguous(), sv[:rank]
+
+
+def random_orthonormal(
+    n: int, r: int, seed: int, *, device: torch.device | None = None
+) -> torch.Tensor:
+    """A seeded random n x r start with orthonormal columns, identical on every device and rank.
+
+    Drawn on the CPU from a private generator (so it neither reads nor advances the global RNG)
+    and then moved, so CPU and CUDA runs and every DDP rank start from the same sketch.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, r, generator=gen, dtype=torch.float32))
+    return q.to(device) if device is not None else q

@@ -1,0 +1,131 @@
+"""Matrix projector for 2-D weights: the shorter side of W (m x n) is reduced to rank r."""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+
+from .linalg import (
+    correlation_step,
+    direction_cosine,
+    low_cost_svd,
+    random_orthonormal,
+    reconstruction_error,
+)
+
+__all__ = ["MatrixProjector", "RefreshKind", "RefreshStats"]
+
+RefreshKind = Literal["correlation", "svd"]
+
+
+class RefreshStats(NamedTuple):
+    """Telemetry of one refresh, as 0-d tensors (reading them is the caller's choice)."""
+
+    recon_error: torch.Tensor  # ||G - Ĝ|| / ||G|| of the projector in use at the refresh step
+    cos: torch.Tensor  # direction term: mean row cosine of the restored moment and G
+
+
+def setup_sketch(h: torch.Tensor, rank: int, seed: int, power_iters: int = 2) -> torch.Tensor:
+    """First projector of a layer: a seeded random range finder with a few power iterations.
+
+    Runs once per layer (at its first usable gradient), so two extra passes buy a start that is
+    already close to the top-r right subspace instead of a random one.
+    """
+    p = random_orthonormal(h.shape[1], rank, seed, device=h.device)
+    for _ in range(power_iters):
+        p, _ = torch.linalg.qr(h.T @ (h @ p))
+    p, _ = low_cost_svd(h, h @ p, rank)
+    return p
+
+
+class MatrixProjector:
+    """Projects the gradient of an m x n weight onto r directions of its shorter side.
+
+    Works on the "tall" view ``H`` of the gradient (``G`` when m >= n, ``G^T`` otherwise), so
+    the projector ``P`` is ``min(m, n) x r`` and the moments are ``max(m, n) x r``.  The object
+    itself is stateless: the projector lives in ``state["proj"]`` (fp32) so that
+    ``optimizer.state_dict()`` carries it.
+
+    Args:
+        shape: the weight's shape ``(m, n)``.
+        rank: r, with ``1 <= r < min(m, n)``.
+    """
+
+    kind = "matrix"
+
+    def __init__(self, shape: tuple[int, int] | torch.Size, rank: int) -> None:
+        rows, cols = int(shape[0]), int(shape[1])
+        if not 1 <= rank < min(rows, cols):
+            raise ValueError(f"Invalid rank: {rank} (must be in [1, {min(rows, cols)}) for shape {tuple(shape)})")
+        self.shape = (rows, cols)
+        self.rank = rank
+        self.transposed = rows < cols
+        self.long, self.short = max(rows, cols), min(rows, cols)
+
+    def __repr__(self) -> str:
+        return f"MatrixProjector(shape={self.shape}, rank={self.rank})"
+
+    # -- sizes -------------------------------------------------------------------------------
+    @property
+    def moment_shape(self) -> tuple[int, int]:
+        return (self.long, self.rank)
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"proj": (self.short, self.rank)}
+
+    def projector_numel(self) -> int:
+        return self.short * self.rank
+
+    def step_macs(self) -> int:
+        """Multiply-adds an ordinary step cannot avoid: projection and back-projection."""
+        return 2 * self.long * self.short * self.rank
+
+    # -- the hot path ----------------------------------------------------------------------
+    def tall(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad.T if self.transposed else grad
+
+    def setup(self, state: dict, grad: torch.Tensor, seed: int) -> None:
+        state["proj"] = setup_sketch(self.tall(grad), self.rank, seed)
+
+    def project(self, state: dict, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.tall(grad) @ state["proj"], None
+
+    def apply_update(self, param: torch.Tensor, update: torch.Tensor, state: dict, alpha: float) -> None:
+        """``param += alpha * update P^T`` (in the weight's orientation)."""
+        p = state["proj"]
+        if param.dtype == torch.float32 and param.is_contiguous():
+            if self.transposed:
+                param.addmm_(p, update.T, alpha=alpha)
+            else:
+                param.addmm_(update, p.T, alpha=alpha)
+        else:
+            delta = p @ update.T if self.transposed else update @ p.T
+            param.add_(delta.to(param.dtype), alpha=alpha)
+
+    # -- refreshes ---------------------------------------------------------------------------
+    def refresh(
+        self,
+        state: dict,
+        grad: torch.Tensor,
+        projected: torch.Tensor,
+        ctx: None,
+        kind: RefreshKind,
+        moment: torch.Tensor,
+    ) -> tuple[dict[str, torch.Tensor], RefreshStats]:
+        """New projector tensors from this step's gradient; ``projected`` is ``H P`` (reused).
+
+        ``moment`` is the projected first moment before this step's update (``M_{t-1}``).
+        """
+        h, p = self.tall(grad), state["proj"]
+        if kind == "correlation":
+            new_p, res = correlation_step(h, p, projected, moment)
+            return {"proj": new_p}, RefreshStats(res.rel_err, res.cos)
+        new_p, _ = low_cost_svd(h, projected, self.rank)
+        return {"proj": new_p}, RefreshStats(reconstruction_error(h, p, projected), direction_cosine(h, p, projected, moment))
+
+    def rotate(self, core: torch.Tensor, state: dict, new: dict[str, torch.Tensor], squared: bool) -> torch.Tensor:
+        """Carry a projected moment from the old basis into the new one (``restore_state``)."""
+        t = state["proj"].T @ new["proj"]
+        return core @ (t * t) if squared else core @ t
+

@@ -1,0 +1,214 @@
+import math
+
+import pytest
+import torch
+
+from coap_plugins.projection import MatrixProjector, Tucker2Projector, build_projector
+from coap_plugins.projection.linalg import (
+    correlation_grad,
+    correlation_loss,
+    correlation_step,
+    low_cost_svd,
+    random_orthonormal,
+    reconstruction_error,
+)
+
+f64 = torch.float64
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def _autograd_grad(h, p, m):
+    p = p.clone().requires_grad_(True)
+    correlation_loss(h, p, m).backward()
+    return p.grad
+
+
+@pytest.mark.parametrize("rows,cols,rank", [(48, 20, 5), (64, 64, 16)])
+def test_closed_form_matches_autograd_matrix(rows, cols, rank):
+    g = torch.Generator().manual_seed(rows)
+    h = torch.randn(rows, cols, generator=g, dtype=f64)
+    p = torch.randn(cols, rank, generator=g, dtype=f64) / math.sqrt(cols)  # not orthonormal on purpose
+    m = torch.randn(rows, rank, generator=g, dtype=f64)
+    res = correlation_grad(h, p, h @ p, m)
+    assert _rel(res.grad, _autograd_grad(h, p, m)) < 1e-5
+    assert float(abs(res.mse * (1 - res.cos) - correlation_loss(h, p, m))) < 1e-12
+
+
+def test_closed_form_wide_weight_uses_transposed_problem():
+    # W is 12 x 40: the projector reduces the 12-long side, so the tall problem is H = G^T.
+    g = torch.Generator().manual_seed(1)
+    grad = torch.randn(12, 40, generator=g, dtype=f64)
+    proj = MatrixProjector((12, 40), 3)
+    assert proj.transposed and proj.moment_shape == (40, 3) and proj.state_shapes() == {"proj": (12, 3)}
+    h = proj.tall(grad)
+    p = torch.randn(12, 3, generator=g, dtype=f64)
+    m = torch.randn(40, 3, generator=g, dtype=f64)
+    assert _rel(correlation_grad(h, p, h @ p, m).grad, _autograd_grad(h, p, m)) < 1e-5
+
+
+def test_paper_sign_of_eq3_is_wrong():
+    """The product rule gives dMSE (1 - Cos) - MSE dCos; the '+' printed in Eq. 3 disagrees with autograd."""
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(30, 10, generator=g, dtype=f64)
+    p = torch.randn(10, 4, generator=g, dtype=f64)
+    m = torch.randn(30, 4, generator=g, dtype=f64)
+    auto = _autograd_grad(h, p, m)
+    # rebuild the two pieces separately with autograd and combine with a '+'
+    pp = p.clone().requires_grad_(True)
+    mse = (h @ pp @ pp.T - h).pow(2).mean()
+    cos = torch.nn.functional.cosine_similarity(m @ pp.T, h, dim=1).mean()
+    d_mse, = torch.autograd.grad(mse, pp, retain_graph=True)
+    d_cos, = torch.autograd.grad(cos, pp)
+    plus = d_mse * (1 - cos.detach()) + d_cos * mse.detach()
+    minus = d_mse * (1 - cos.detach()) - d_cos * mse.detach()
+    assert _rel(minus, auto) < 1e-10
+    assert _rel(plus, auto) > 1e-3
+
+
+def _tucker_mode_losses(grad, p_out, p_in, m_core):
+    """Supplementary Eq. 2 per mode of a Tucker-2 projector, written with einsum (m x n temporaries)."""
+    o, i, k1, k2 = grad.shape
+    k = k1 * k2
+    g3 = grad.reshape(o, i, k)
+    # output mode: H_O = G_(1)^T, moment restored along the input mode
+    h_out = g3.reshape(o, i * k).T
+    m_out = torch.einsum("akb,ib->aik", m_core, p_in).reshape(-1, i * k).T
+    # input mode: H_I = G_(2)^T with rows (o, kk), moment restored along the output mode
+    h_in = g3.permute(0, 2, 1).reshape(o * k, i)
+    m_in = torch.einsum("akb,oa->okb", m_core, p_out).reshape(o * k, -1)
+    return (h_out, p_out, m_out), (h_in, p_in, m_in)
+
+
+def test_closed_form_matches_autograd_tucker2():
+    g = torch.Generator().manual_seed(3)
+    shape = (12, 10, 3, 3)
+    grad = torch.randn(shape, generator=g, dtype=f64)
+    proj = Tucker2Projector(shape, 5, 4)
+    state = {
+        "proj_out": torch.linalg.qr(torch.randn(12, 5, generator=g, dtype=f64))[0],
+        "proj_in": torch.linalg.qr(torch.randn(10, 4, generator=g, dtype=f64))[0],
+    }
+    m_core = torch.randn(proj.moment_shape, generator=g, dtype=f64)
+    core, ctx = proj.project(state, grad)
+    # the core is the definition G x1 P_O^T x2 P_I^T, laid out (r_O, k, r_I)
+    ref_core = torch.einsum("oikl,oa,ib->aklb", grad, state["proj_out"], state["proj_in"])
+    assert torch.allclose(core, ref_core.reshape(5, 9, 4), atol=1e-12)
+    new, _ = proj.refresh(state, grad, core, ctx, "correlation", m_core)
+    for (h, p, m), key in zip(_tucker_mode_losses(grad, state["proj_out"], state["proj_in"], m_core), ("proj_out", "proj_in")):
+        auto = _autograd_grad(h, p, m)
+        scale = min(1.0, 1.0 / (float(auto.norm()) + 1e-6))
+        expected = p - 0.1 * scale * auto
+        assert _rel(new[key] - p, expected - p) < 1e-5
+
+
+def test_tucker_back_projection_is_adjoint_of_projection():
+    g = torch.Generator().manual_seed(4)
+    shape = (16, 8, 3, 3)
+    proj = Tucker2Projector(shape, 6, 3)
+    state = {
+        "proj_out": torch.linalg.qr(torch.randn(16, 6, generator=g, dtype=f64))[0],
+        "proj_in": torch.linalg.qr(torch.randn(8, 3, generator=g, dtype=f64))[0],
+    }
+    x = torch.randn(shape, generator=g, dtype=f64)
+    u = torch.randn(proj.moment_shape, generator=g, dtype=f64)
+    w = torch.zeros(shape, dtype=f64)
+    proj.apply_update(w, u, state, 1.0)
+    core, _ = proj.project(state, x)
+    # <project(x), u> == <x, back(u)>
+    assert abs(float((core * u).sum() - (x * w).sum())) < 1e-10
+
+
+def test_correlation_step_clips_to_unit_norm_and_uses_lr_0_1():
+    g = torch.Generator().manual_seed(5)
+    h = 100 * torch.randn(50, 20, generator=g, dtype=f64)
+    p = torch.randn(20, 6, generator=g, dtype=f64)
+    m = torch.randn(50, 6, generator=g, dtype=f64)
+    new_p, res = correlation_step(h, p, h @ p, m)
+    assert float(res.grad.norm()) > 1.0
+    assert float((new_p - p).norm()) == pytest.approx(0.1, rel=1e-5)
+
+
+def test_low_cost_svd_recovers_top_subspace():
+    g = torch.Generator().manual_seed(6)
+    m, n, r = 200, 80, 8
+    u, _ = torch.linalg.qr(torch.randn(m, n, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(n, n, generator=g))
+    s = torch.cat([torch.linspace(10, 5, r), 1e-3 * torch.rand(n - r, generator=g)])
+    h = (u * s) @ v.T
+    p0 = random_orthonormal(n, r, seed=0)
+    p, sv = low_cost_svd(h, h @ p0, r)
+    assert torch.allclose(p.T @ p, torch.eye(r), atol=1e-5)
+    cosines = torch.linalg.svdvals(p.T @ v[:, :r]).clamp(max=1.0)
+    largest_angle = float(torch.arccos(cosines.min()))
+    assert largest_angle < 1e-3
+    assert torch.allclose(sv, s[:r], rtol=1e-4)
+
+
+def test_reconstruction_error_formula():
+    g = torch.Generator().manual_seed(7)
+    h = torch.randn(30, 12, generator=g, dtype=f64)
+    p = torch.randn(12, 5, generator=g, dtype=f64)
+    expected = (h - h @ p @ p.T).norm() / h.norm()
+    assert float(reconstruction_error(h, p, h @ p)) == pytest.approx(float(expected), rel=1e-10)
+
+
+def test_random_start_is_seeded_and_leaves_global_rng_alone():
+    torch.manual_seed(0)
+    before = torch.random.get_rng_state()
+    a = random_orthonormal(32, 4, seed=11)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert torch.equal(a, random_orthonormal(32, 4, seed=11))
+    assert not torch.equal(a, random_orthonormal(32, 4, seed=12))
+
+
+@pytest.mark.parametrize(
+    "shape,kwargs,expected",
+    [
+        ((64, 32), {}, ("matrix", 8)),
+        ((64, 32), {"rank": 5}, ("matrix", 5)),
+        ((64, 32), {"rank": 5, "rank_ratio_matrix": 2}, ("matrix", 16)),  # the ratio wins
+        ((64, 32), {"rank": 32}, (None, None)),  # rank not below min(m, n)
+        ((3, 100), {}, ("matrix", None)),  # 3 // 4 -> at least 1
+        ((64, 64, 3, 3), {}, ("tucker2", (32, 32))),
+        ((64, 64, 3, 3), {"rank_ratio_conv": 16}, ("tucker2", (16, 16))),
+        ((32, 32, 3, 3), {}, (None, None)),  # 9216 elements: at the floor
+        ((256, 64, 1, 1), {"min_conv_numel": 0}, ("tucker2", (64, None))),  # r_O capped at I, output mode only
+        ((128,), {}, (None, None)),
+        ((4, 5, 6), {}, (None, None)),
+    ],
+)
+def test_build_projector_routing(shape, kwargs, expected):
+    proj, reason = build_projector(shape, **kwargs)
+    kind, rank = expected
+    assert isinstance(reason, str) and reason
+    if kind is None:
+        assert proj is None
+        return
+    assert proj.kind == kind
+    if kind == "matrix" and rank is not None:
+        assert proj.rank == rank
+    if kind == "matrix" and rank is None:
+        assert proj.rank == 1
+    if kind == "tucker2":
+        assert (proj.rank_out, proj.rank_in) == rank
+
+
+def test_build_projector_rejects_unknown_kind_and_wrong_shapes():
+    with pytest.raises(ValueError, match=r"Invalid projection kind: 'svd'"):
+        build_projector((4, 4), "svd")
+    with pytest.raises(ValueError, match="needs a 2-D weight"):
+        build_projector((4, 4, 3, 3), "matrix")
+    with pytest.raises(ValueError, match="needs a 4-D conv weight"):
+        build_projector((40, 40), "tucker2", min_conv_numel=0)
+
+
+def test_projector_rank_bounds():
+    with pytest.raises(ValueError, match=r"Invalid rank: 8 \(must be in \[1, 8\)"):
+        MatrixProjector((8, 20), 8)
+    with pytest.raises(ValueError, match="Invalid rank_out"):
+        Tucker2Projector((8, 2, 1, 1), 4, None)  # r_O above I*k
+    with pytest.raises(ValueError, match="output mode only"):
+        Tucker2Projector((8, 8, 1, 1), 2, 2)
