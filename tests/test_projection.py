@@ -212,3 +212,26 @@ def test_projector_rank_bounds():
         Tucker2Projector((8, 2, 1, 1), 4, None)  # r_O above I*k
     with pytest.raises(ValueError, match="output mode only"):
         Tucker2Projector((8, 8, 1, 1), 2, 2)
+
+
+def test_low_cost_svd_fast_path_agrees_with_householder_form():
+    from coap_plugins.projection.linalg import _low_cost_svd_householder
+
+    g = torch.Generator().manual_seed(8)
+    h = torch.randn(120, 60, generator=g) * torch.logspace(0, -2, 60)
+    a = h @ random_orthonormal(60, 12, seed=3)
+    p_fast, s_fast = low_cost_svd(h, a, 12)
+    p_ref, s_ref = _low_cost_svd_householder(h, a, 12)
+    assert torch.allclose(s_fast, s_ref, rtol=1e-4)
+    # same subspace, same ordering: columns agree up to sign
+    assert torch.allclose((p_fast * p_ref).sum(0).abs(), torch.ones(12), atol=1e-4)
+
+
+def test_low_cost_svd_rank_deficient_gradient_still_gives_orthonormal_p():
+    g = torch.Generator().manual_seed(9)
+    h = torch.randn(80, 3, generator=g) @ torch.randn(3, 40, generator=g)  # rank 3 < r = 8
+    p, sv = low_cost_svd(h, h @ random_orthonormal(40, 8, seed=1), 8)
+    assert torch.allclose(p.T @ p, torch.eye(8), atol=1e-5)
+    # the rank-3 row space is inside the new subspace
+    assert float((h - h @ p @ p.T).norm() / h.norm()) < 1e-5
+    assert sv.shape == (8,) and float(sv[3:].max()) < 1e-4 * float(sv[0])

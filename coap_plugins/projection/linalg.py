@@ -146,10 +146,42 @@ def direction_cosine(h: torch.Tensor, p: torch.Tensor, a: torch.Tensor, m: torch
 def low_cost_svd(h: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Recalibrate P from ``A = H P_prev``: ``Q = qr(A)``, ``U S Z^T = svd(Q^T H)``, ``P = Z[:, :r]``.
 
-    O(m n r): one product with H and the factorizations of m x r and r x n matrices, never an
-    m x n SVD.  Returns the new P (n x r, orthonormal columns) and the singular values of
-    ``Q^T H`` (``sum(S^2)`` is the energy of H inside the new subspace, used for telemetry).
+    O(m n r): one product with H and r x r factorizations, never an m x n SVD.  Returns the new
+    P (n x r, orthonormal columns) and the singular values of ``Q^T H`` (``sum(S^2)`` is the
+    energy of H inside the new subspace).
+
+    ``Q`` is never formed.  With ``C = A^T H`` (the one product with H), ``Q^T H = R^{-T} C``
+    where ``A^T A = R^T R``, so its right singular vectors are ``Z = C^T R^{-1} U S^{-1}`` with
+    ``U S^2 U^T`` the eigendecomposition of the r x r matrix ``R^{-T} C C^T R^{-1}``.  The r x r
+    algebra runs in float64 (the Gram matrices square the condition number), and a Cholesky
+    re-orthonormalization of Z removes the fp32 rounding of the last product.  This is 3-4x
+    faster on CPU than LAPACK's Householder QR of A plus an SVD of the r x n matrix; when A or
+    the gradient is (numerically) rank-deficient the Householder path is used instead.
     """
+    c = a.T @ h
+    a64, c64 = a.double(), c.double()
+    chol_a, info_a = torch.linalg.cholesky_ex(a64.T @ a64)
+    pivots = chol_a.diagonal()
+    # A's columns carry fp32 rounding: directions below ~1e-5 of its largest are noise, and
+    # R^{-1} would amplify them, so such an A takes the Householder path.
+    if int(info_a) == 0 and bool(pivots.min() > 1e-5 * pivots.max()):
+        t = torch.linalg.solve_triangular(chol_a, c64 @ c64.T, upper=False)
+        k = torch.linalg.solve_triangular(chol_a, t.T, upper=False)
+        lam, u = torch.linalg.eigh((k + k.T) / 2)
+        lam, u = lam.flip(0)[:rank], u.flip(1)[:, :rank]
+        if bool(lam[-1] > lam[0] * 1e-10):
+            w = torch.linalg.solve_triangular(chol_a.T, u, upper=True) / lam.sqrt()
+            z = c.T @ w.to(c.dtype)
+            z64 = z.double()
+            chol_z, info_z = torch.linalg.cholesky_ex(z64.T @ z64)
+            if int(info_z) == 0:
+                z = torch.linalg.solve_triangular(chol_z.T.to(z.dtype), z, upper=True, left=False)
+                return z, lam.sqrt().to(c.dtype)
+    return _low_cost_svd_householder(h, a, rank)
+
+
+def _low_cost_svd_householder(h: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The textbook form (QR of A, SVD of Q^T H): slower, exact for rank-deficient input."""
     q, _ = torch.linalg.qr(a)
     b = q.T @ h
     _, sv, zh = torch.linalg.svd(b, full_matrices=False)

@@ -26,16 +26,16 @@ class RefreshStats(NamedTuple):
     cos: torch.Tensor  # direction term: mean row cosine of the restored moment and G
 
 
-def setup_sketch(h: torch.Tensor, rank: int, seed: int, power_iters: int = 2) -> torch.Tensor:
-    """First projector of a layer: a seeded random range finder with a few power iterations.
+def setup_sketch(h: torch.Tensor, rank: int, seed: int, passes: int = 2) -> torch.Tensor:
+    """First projector of a layer: low-cost SVD passes from a seeded random start.
 
-    Runs once per layer (at its first usable gradient), so two extra passes buy a start that is
-    already close to the top-r right subspace instead of a random one.
+    Each pass spans ``H^T H P``, i.e. one power iteration, so the start is already close to the
+    top-r right subspace instead of a random one.  Runs once per layer (at its first usable
+    gradient).
     """
     p = random_orthonormal(h.shape[1], rank, seed, device=h.device)
-    for _ in range(power_iters):
-        p, _ = torch.linalg.qr(h.T @ (h @ p))
-    p, _ = low_cost_svd(h, h @ p, rank)
+    for _ in range(passes):
+        p, _ = low_cost_svd(h, h @ p, rank)
     return p
 
 
