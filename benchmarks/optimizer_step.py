@@ -11,15 +11,16 @@ What is measured, per row (single weights at rank ratio 4, and a whole timm ResN
   the measured medians;
 * the floor of an ordinary step: the multiply-adds of its projection and back-projection
   (``Projector.step_macs()``, summed over projected parameters) at this machine's fp32 matmul
-  rate, measured in the same run from 2048x2048 @ 2048x2048 products;
+  rate, measured in the same run from 2048x2048 @ 2048x2048 products taken among the row's steps;
 * state bytes: ``CoapAdamW.state_bytes()`` against the tensors torch AdamW holds;
 * GaLoreAdamW (if installed) on 4096x1024 at rank 256: ordinary step and its refresh step (the
   first step of a fresh optimizer, which runs the full SVD).
 
 Every time is the median of several repetitions after warm-up, with ``p.grad`` assigned once and
-kept fixed; all ratios are measured side by side in one run, so they compare like with like on
-the same machine.  ``--quick`` (a smoke test) takes fewer repetitions and skips ResNet-18 and
-GaLore.
+kept fixed.  All ratios are measured side by side in one run: within a row the timed calls take
+turns (round-robin), so load from other processes or clock drift falls on every column alike and
+the ratios compare like with like on the same machine.  ``--quick`` (a smoke test) takes fewer
+repetitions and skips ResNet-18 and GaLore.
 
     python benchmarks/optimizer_step.py [--quick] [--out PATH]
 """
@@ -27,6 +28,7 @@ GaLore.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import statistics
 import sys
@@ -41,35 +43,38 @@ SHAPES = [(1024, 1024), (4096, 1024), (1024, 4096), (768, 3072),
           (128, 64, 3, 3), (256, 256, 3, 3), (512, 512, 3, 3), (256, 1024, 1, 1)]
 COAP = dict(lr=1e-3, rank_ratio_matrix=4, rank_ratio_conv=4)
 NEVER = 10**9  # an update_interval no run reaches: ordinary steps only
+FULL, QUICK = (SimpleNamespace(warmup=2, cheap=10, refresh=5, first=5),
+               SimpleNamespace(warmup=1, cheap=3, refresh=2, first=2))
+RESNET = SimpleNamespace(warmup=2, cheap=5, refresh=3, first=3)  # a whole model: fewer reps
 
 
-def timed(fn, reps: int, warmup: int) -> float:
-    """Median seconds of ``fn()`` over ``reps`` calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
+def clocked(fn):
+    """A callable that runs ``fn()`` and returns the seconds it took."""
+    def run() -> float:
         start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return time.perf_counter() - start
+    return run
 
 
-def first_step(make, reps: int) -> float:
-    """Median seconds of the first step of a fresh optimizer (construction not timed)."""
-    times = []
-    for _ in range(reps):
-        opt = make()
-        start = time.perf_counter()
-        opt.step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def interleave(runs: dict, warmup: int) -> dict[str, float]:
+    """Median seconds of each ``name: (timed callable, reps)``; the callables take turns, so
+    drift or load on the machine falls on every column of a row alike."""
+    for fn, _ in runs.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(max(n for _, n in runs.values())):
+        for name, (fn, n) in runs.items():
+            if i < n:
+                times[name].append(fn())
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def matmul_rate(reps: int) -> float:
-    """fp32 multiply-adds per second of a 2048^3 matmul (median)."""
+def matmul():
+    """A timed 2048x2048 @ 2048x2048 fp32 product: 2048^3 multiply-adds."""
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    return 2048**3 / timed(lambda: a @ b, reps, warmup=1)
+    return clocked(lambda: a @ b)
 
 
 def held_bytes(opt: torch.optim.Optimizer) -> int:
@@ -84,33 +89,33 @@ def describe(proj) -> str:
     return f"tucker2 ({proj.rank_out}, {proj.rank_in if proj.rank_in is not None else '-'})"
 
 
-def measure(name: str, params: list, reps, rate: float) -> dict:
-    """All timings of one row, side by side."""
+def measure(name: str, params: list, reps) -> dict:
+    """All timings of one row, taken in turns."""
     ref = torch.optim.AdamW(params, lr=1e-3)
-    adamw = timed(ref.step, reps.cheap, reps.warmup)
-    adamw_bytes = held_bytes(ref)
-    del ref
     opt = CoapAdamW(params, update_interval=NEVER, **COAP)
-    ordinary = timed(opt.step, reps.cheap, reps.warmup)
 
     def refresh(kind):
         opt.request_refresh(kind)
         opt.step()
 
-    corr = timed(lambda: refresh("correlation"), reps.refresh, reps.warmup)
-    svd = timed(lambda: refresh("svd"), reps.refresh, reps.warmup)
-    first = first_step(lambda: CoapAdamW(params, **COAP), reps.first)
+    t = interleave({
+        "adamw": (clocked(ref.step), reps.cheap),
+        "ordinary": (clocked(opt.step), reps.cheap),
+        "corr": (clocked(lambda: refresh("correlation")), reps.refresh),
+        "svd": (clocked(lambda: refresh("svd")), reps.refresh),
+        "first": (lambda: clocked(CoapAdamW(params, **COAP).step)(), reps.first),  # construction not timed
+        "matmul": (matmul(), reps.cheap),
+    }, reps.warmup)
     projs = [row["projector"] for row in opt.routing() if row["projector"] is not None]
     return dict(
-        name=name, numel=sum(p.numel() for p in params),
+        t, name=name, numel=sum(p.numel() for p in params),
         projector=describe(projs[0]) if len(params) == 1 else f"{len(projs)} of {len(params)} projected",
-        adamw=adamw, ordinary=ordinary, floor=sum(p.step_macs() for p in projs) / rate,
-        corr=corr, svd=svd, first=first, amortized=(310 * ordinary + 8 * corr + 2 * svd) / 320,
-        bytes=opt.state_bytes(), adamw_bytes=adamw_bytes,
+        macs=sum(p.step_macs() for p in projs), amortized=(310 * t["ordinary"] + 8 * t["corr"] + 2 * t["svd"]) / 320,
+        bytes=opt.state_bytes(), adamw_bytes=held_bytes(ref),
     )
 
 
-def measure_galore(shape, reps, rate: float) -> dict | None:
+def measure_galore(shape, reps) -> dict | None:
     try:
         from galore_torch import GaLoreAdamW
     except ImportError:
@@ -121,30 +126,38 @@ def measure_galore(shape, reps, rate: float) -> dict | None:
 
     def make():
         group = {"params": [p], "rank": rank, "update_proj_gap": 200, "scale": 1.0, "proj_type": "std"}
-        return GaLoreAdamW([group], lr=1e-3)
+        return GaLoreAdamW([group], lr=1e-3, no_deprecation_warning=True)
 
-    ref = torch.optim.AdamW([p], lr=1e-3)
-    adamw = timed(ref.step, reps.cheap, reps.warmup)
-    adamw_bytes = held_bytes(ref)
-    refresh = first_step(make, reps.refresh)
-    opt = make()
+    ref, opt = torch.optim.AdamW([p], lr=1e-3), make()
     opt.step()  # the refresh; the next 199 steps are ordinary
-    ordinary = timed(opt.step, reps.cheap, reps.warmup)
+    t = interleave({
+        "adamw": (clocked(ref.step), reps.cheap),
+        "ordinary": (clocked(opt.step), reps.cheap),
+        "svd": (lambda: clocked(make().step)(), reps.refresh),  # its refresh: a fresh first step, full SVD
+        "matmul": (matmul(), reps.cheap),
+    }, reps.warmup)
     return dict(
-        name="x".join(map(str, shape)) + " GaLoreAdamW", numel=p.numel(), projector=f"galore r{rank}",
-        adamw=adamw, ordinary=ordinary, floor=2 * p.numel() * rank / rate, corr=None, svd=refresh,
-        first=refresh, amortized=None, bytes=held_bytes(opt), adamw_bytes=adamw_bytes,
+        t, name="x".join(map(str, shape)) + " GaLoreAdamW", numel=p.numel(), projector=f"galore r{rank}",
+        macs=2 * p.numel() * rank, corr=None, first=t["svd"], amortized=None,
+        bytes=held_bytes(opt), adamw_bytes=held_bytes(ref),
     )
 
 
 def resnet18_params() -> list:
-    """All parameters of timm's ResNet-18, with real gradients of one small random batch."""
+    """All parameters of timm's ResNet-18, with real gradients of one small random batch.
+
+    ``zero_init_last=False``: timm's default zero-initialises the last norm of every residual
+    block, which zeroes the gradients of all 16 block convs at init, so COAP would only decay
+    them (no projection) and the row would measure almost nothing.
+    """
     import timm
 
-    model = timm.create_model("resnet18", pretrained=False, num_classes=1000)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=1000, zero_init_last=False)
     x, y = torch.randn(2, 3, 64, 64), torch.randint(0, 1000, (2,))
     torch.nn.functional.cross_entropy(model(x), y).backward()
-    return list(model.parameters())
+    params = list(model.parameters())
+    assert all(p.grad is not None and p.grad.any() for p in params if p.dim() == 4), "a conv has a zero gradient"
+    return params
 
 
 def ms(t: float | None, base: float | None = None) -> str:
@@ -153,15 +166,21 @@ def ms(t: float | None, base: float | None = None) -> str:
     return f"{t * 1e3:.2f}" + (f" ({t / base:.2f}x)" if base else "")
 
 
+def floor(r: dict) -> float:
+    """Seconds of the row's projection multiply-adds at the matmul rate measured in its turns."""
+    return r["macs"] * r["matmul"] / 2048**3
+
+
 def table(rows: list) -> list[str]:
-    head = ["shape", "elements", "projector", "AdamW ms", "ordinary ms (xAdamW)", "floor ms", "ordinary/floor",
-            "correlation ms (xAdamW)", "corr/ordinary", "recal ms (xAdamW)", "recal/ordinary",
+    head = ["shape", "elements", "projector", "AdamW ms", "ordinary ms (xAdamW)", "floor ms (GMAC/s)",
+            "ordinary/floor", "correlation ms (xAdamW)", "corr/ordinary", "recal ms (xAdamW)", "recal/ordinary",
             "first step ms (xAdamW)", "amortized ms (xAdamW)", "state MiB COAP / AdamW (ratio)"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         a, o = r["adamw"], r["ordinary"]
         cells = [
-            r["name"], f"{r['numel']:,}", r["projector"], ms(a), ms(o, a), ms(r["floor"]), f"{o / r['floor']:.2f}",
+            r["name"], f"{r['numel']:,}", r["projector"], ms(a), ms(o, a),
+            f"{ms(floor(r))} ({2048**3 / r['matmul'] / 1e9:.0f})", f"{o / floor(r):.2f}",
             ms(r["corr"], a), f"{r['corr'] / o:.2f}" if r["corr"] else "-", ms(r["svd"], a), f"{r['svd'] / o:.2f}",
             ms(r["first"], a), ms(r["amortized"], a),
             f"{r['bytes'] / 2**20:.2f} / {r['adamw_bytes'] / 2**20:.2f} ({r['bytes'] / r['adamw_bytes']:.3f})",
@@ -180,8 +199,8 @@ def targets(rows: list) -> list[str]:
 
     big = [r for r in rows if "GaLore" not in r["name"] and (r["numel"] >= 2**20 or r["name"] == "resnet18")]
     check("ordinary <= 1.5x floor (shapes >= 1M elements, ResNet-18)",
-          [(r["name"], f"{r['ordinary'] / r['floor']:.2f}x") for r in big],
-          all(r["ordinary"] <= 1.5 * r["floor"] for r in big))
+          [(r["name"], f"{r['ordinary'] / floor(r):.2f}x") for r in big],
+          all(r["ordinary"] <= 1.5 * floor(r) for r in big))
     coap = [r for r in rows if r["corr"] is not None]
     check("correlation step <= 1.6x ordinary", [(r["name"], f"{r['corr'] / r['ordinary']:.2f}x") for r in coap],
           all(r["corr"] <= 1.6 * r["ordinary"] for r in coap))
@@ -198,6 +217,16 @@ def targets(rows: list) -> list[str]:
     return out
 
 
+def adamw_default() -> str:
+    """What torch.optim.AdamW() runs on CPU tensors (asks a private torch helper)."""
+    try:
+        from torch.optim.optimizer import _default_to_fused_or_foreach
+    except ImportError:
+        return "not known"
+    fused, foreach = _default_to_fused_or_foreach([torch.zeros(1)], False, False)
+    return f"foreach={foreach}, fused={fused}"
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -212,35 +241,37 @@ def main() -> None:
     parser.add_argument("--out", help="also write the markdown to this file")
     args = parser.parse_args()
     torch.manual_seed(0)
-    if args.quick:
-        reps = SimpleNamespace(warmup=1, cheap=3, refresh=2, first=2)
-    else:
-        reps = SimpleNamespace(warmup=2, cheap=10, refresh=5, first=5)
-    rate = matmul_rate(3 if args.quick else 10)
+    reps = QUICK if args.quick else FULL
+    load = os.getloadavg()[0]  # other processes on the machine make every timing noisier
     rows = []
     for shape in SHAPES:
         p = torch.nn.Parameter(torch.randn(shape) * 0.02)
         p.grad = torch.randn(shape)
-        rows.append(measure("x".join(map(str, shape)), [p], reps, rate))
+        rows.append(measure("x".join(map(str, shape)), [p], reps))
     if not args.quick:
-        rows.append(measure("resnet18", resnet18_params(), SimpleNamespace(warmup=2, cheap=5, refresh=3, first=3), rate))
-        galore = measure_galore((4096, 1024), reps, rate)
+        rows.append(measure("resnet18", resnet18_params(), RESNET))
+        galore = measure_galore((4096, 1024), reps)
         rows += [galore] if galore else []
-    fused, foreach = torch.optim.optimizer._default_to_fused_or_foreach([torch.zeros(1)], False, False)
+    rates = [2048**3 / r["matmul"] / 1e9 for r in rows]
     lines = [
         "# Optimizer step benchmark", "",
         f"Command: `{shlex.join([sys.executable] + sys.argv)}`", "",
-        f"Machine: {cpu_model()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-        f"fp32 matmul rate {rate / 1e9:.1f} GMAC/s (2048^3, median)", "",
+        f"Machine: {cpu_model()}; torch {torch.__version__}, {torch.get_num_threads()} threads; fp32 matmul rate "
+        f"(2048^3 products) {statistics.median(rates):.1f} GMAC/s, median over rows (range {min(rates):.1f} "
+        f"to {max(rates):.1f}); 1-minute load average at start {load:.2f}", "",
         *table(rows), "",
-        "Notes: medians of %d reps after %d warm-up steps (refreshes: %d reps, first step: %d fresh optimizers%s). "
-        % (reps.cheap, reps.warmup, reps.refresh, reps.first, "; ResNet-18: 5 / 3 / 3" if not args.quick else "")
-        + f"AdamW = torch.optim.AdamW defaults (foreach={foreach}, fused={fused} on this device). "
+        "Notes: each row's timings are taken in turns (AdamW, ordinary, correlation, recal, first step, matmul, "
+        "round-robin), medians of %d reps after %d warm-up calls (refreshes: %d reps, first step: %d fresh "
+        "optimizers%s). " % (reps.cheap, reps.warmup, reps.refresh, reps.first,
+                             "" if args.quick else f"; ResNet-18: {RESNET.cheap} / {RESNET.refresh} / {RESNET.first}")
+        + f"AdamW = torch.optim.AdamW defaults ({adamw_default()} on this device). "
         "(xAdamW) = time / AdamW time of the same row, same run. floor = sum of Projector.step_macs() over projected "
-        "parameters / the matmul rate. recal = low-cost SVD refresh; corr/ordinary and recal/ordinary are relative to "
-        "the ordinary COAP step. amortized = (310 ordinary + 8 correlation + 2 recal) / 320 from the medians "
-        "(default schedule T_u=32, lambda=5; set-up step excluded). GaLore: recal and first step = its refresh "
-        "(first step of a fresh optimizer, full SVD); ordinary/floor uses the same 2mnr multiply-adds.", "",
+        "parameters / the fp32 matmul rate measured in the row's turns (in brackets, GMAC/s). recal = low-cost SVD "
+        "refresh; corr/ordinary and recal/ordinary are relative to the ordinary COAP step. amortized = (310 ordinary "
+        "+ 8 correlation + 2 recal) / 320 from the medians (default schedule T_u=32, lambda=5; set-up step "
+        "excluded). GaLore: recal and first step = its refresh (first step of a fresh optimizer, full SVD); its "
+        "floor uses the same 2mnr multiply-adds. ResNet-18: timm resnet18 built with zero_init_last=False (the "
+        "default zeroes every block conv's gradient at init), gradients of one 2x3x64x64 batch.", "",
         *targets(rows),
     ]
     text = "\n".join(lines) + "\n"

@@ -4,7 +4,18 @@ Only torch is needed to import this package; the framework adapters and the trai
 import their frameworks lazily.
 """
 
-from .optim import CoapAdafactor, CoapAdamW, CoapOptimizer
+import sys
+
+from .optim import (
+    CoapAdafactor,
+    CoapAdafactor8bit,
+    CoapAdamW,
+    CoapAdamW8bit,
+    CoapOptimizer,
+    create_optimizer,
+    get_optimizer_class,
+    register_timm,
+)
 from .policy import CoapPolicy, LayerRoute
 from .projection import MatrixProjector, Tucker2Projector, build_projector
 from .schedule import ProjectionSchedule
@@ -13,7 +24,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CoapAdafactor",
+    "CoapAdafactor8bit",
     "CoapAdamW",
+    "CoapAdamW8bit",
     "CoapOptimizer",
     "CoapPolicy",
     "LayerRoute",
@@ -21,4 +34,12 @@ __all__ = [
     "ProjectionSchedule",
     "Tucker2Projector",
     "build_projector",
+    "create_optimizer",
+    "get_optimizer_class",
+    "register_timm",
 ]
+
+# timm users get the four names in timm's optimizer factory without an extra call; importing
+# timm here would cost every user its import time, so only when it is already loaded.
+if "timm.optim" in sys.modules:
+    register_timm()

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -268,6 +268,8 @@ def train_classifier(
     epochs: int,
     batch_size: int = 64,
     seed: int = 0,
+    *,
+    lr_schedule: Literal["constant", "cosine"] = "constant",
 ) -> dict[str, Any]:
     """Train ``model`` with ``optimizer`` in a plain PyTorch loop, then test it.
 
@@ -276,6 +278,10 @@ def train_classifier(
     order, whatever the optimizer); the last, smaller batch is kept.  The global RNG is not
     touched, so the model's initialization is the caller's business.
 
+    With ``lr_schedule="cosine"`` every group's learning rate follows a per-step cosine decay
+    from its initial value to zero (``torch.optim.lr_scheduler.CosineAnnealingLR``); the
+    optimizer's groups need float learning rates then.
+
     Args:
         model: the classifier (outputs logits).
         optimizer: any ``torch.optim.Optimizer`` over the model's parameters.
@@ -283,6 +289,7 @@ def train_classifier(
         epochs: passes over the training set, >= 1.
         batch_size: training batch size, >= 1 (default 64).
         seed: seed of the shuffling generator (default 0).
+        lr_schedule: ``"constant"`` (default) or ``"cosine"``.
 
     Returns:
         A dict with ``test_accuracy`` (percent), ``test_loss`` (mean cross-entropy),
@@ -291,15 +298,21 @@ def train_classifier(
         ``nonfinite_steps`` (batches whose loss was not finite).
 
     Raises:
-        ValueError: ``epochs`` or ``batch_size`` is below 1.
+        ValueError: ``epochs`` or ``batch_size`` is below 1, or ``lr_schedule`` is unknown.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"Invalid epochs: {epochs!r} (must be an integer >= 1)")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"Invalid batch_size: {batch_size!r} (must be an integer >= 1)")
+    if lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"Invalid lr_schedule: {lr_schedule!r} (expected 'constant' or 'cosine')")
     x_train, y_train, x_test, y_test = data
     gen = torch.Generator().manual_seed(seed)
     n = len(y_train)
+    scheduler = None
+    if lr_schedule == "cosine":
+        total_steps = epochs * math.ceil(n / batch_size)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     epoch_losses: list[float] = []
     steps = 0
     nonfinite = 0
@@ -315,6 +328,8 @@ def train_classifier(
             loss = F.cross_entropy(model(xb), yb)
             loss.backward()
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             steps += 1
             value = float(loss.detach())
             if math.isfinite(value):

@@ -103,13 +103,13 @@ class CoapPolicy:
 
     @property
     def group_settings(self) -> dict[str, Any]:
-        """The rank settings every COAP param group built by this policy carries."""
-        return {
-            "rank": self.rank,
-            "rank_ratio_matrix": self.rank_ratio_matrix,
-            "rank_ratio_conv": self.rank_ratio_conv,
-            "min_conv_numel": self.min_conv_numel,
-        }
+        """The rank settings this policy was given, written into every group it builds.
+
+        Settings left at ``None`` are not written, so the optimizer's own arguments apply to
+        them; the size floor is the policy's own business (it is applied while routing).
+        """
+        settings = {"rank": self.rank, "rank_ratio_matrix": self.rank_ratio_matrix, "rank_ratio_conv": self.rank_ratio_conv}
+        return {k: v for k, v in settings.items() if v is not None}
 
     def _kind_for(self, module: nn.Module) -> str | None:
         for cls in type(module).__mro__:
@@ -142,6 +142,8 @@ class CoapPolicy:
                 proj, reason = None, f"excluded by pattern {pattern!r}"
             elif p.numel() < self.min_numel:
                 proj, reason = None, f"{p.numel()} < min_numel={self.min_numel} elements"
+            elif kind == "tucker2" and p.ndim == 4 and p.numel() <= self.min_conv_numel:
+                proj, reason = None, f"conv with {p.numel()} <= min_conv_numel={self.min_conv_numel} elements"
             else:
                 proj, reason = build_projector(
                     shape,
@@ -170,7 +172,8 @@ class CoapPolicy:
 
         Each returned group keeps every key of its base group (lr, betas, eps, weight decay,
         any extra key), lists its parameters as ``(name, tensor)`` pairs in the same order, and
-        adds ``projection`` (one kind per parameter) and this policy's rank settings.  Keeping
+        adds ``projection`` (one kind per parameter) and the rank settings this policy was given
+        (those left at ``None`` come from the optimizer's arguments).  Keeping
         the groups one-to-one is what keeps LR schedulers bound by position (``LambdaLR``'s
         ``base_lrs``) pairing with the right group after an optimizer swap.
 

@@ -435,3 +435,17 @@ def test_policy_groups_drive_the_optimizer():
     opt.step()
     assert set(opt.state[model[2].weight]) == {"step", "proj_out", "proj_in", "exp_avg", "exp_avg_sq"}
     assert math.isclose(opt.coap_report()["state_ratio"], opt.state_bytes() / opt.full_rank_state_bytes())
+
+
+def test_adafactor_without_first_moment_refreshes_with_the_projected_gradient():
+    params = make_params()
+    opt = make_opt(CoapAdafactor, params, beta1=None)
+    start = {k: v.detach().clone() for k, v in params.items()}
+    run(opt, params, 0, 6)  # set-up, correlation and SVD refreshes
+    for k, p in params.items():
+        assert torch.isfinite(p).all() and not torch.equal(p, start[k]), k
+    conv = opt.state[params["conv"]]
+    assert "exp_avg" not in conv and set(conv) == {"step", "proj_out", "proj_in", "exp_avg_sq_row", "exp_avg_sq_col"}
+    refreshed = {layer["name"]: layer for layer in opt.coap_report()["layers"]}
+    assert refreshed["group0.param2"]["last_refresh"] in ("correlation", "svd")
+    assert 0.0 < refreshed["group0.param2"]["cos"] <= 1.0  # direction term of G P against G

@@ -29,6 +29,7 @@ from torch.optim import Optimizer
 from ..projection import PROJECTION_KINDS, Projector, build_projector
 from .._checks import check_min_numel, check_positive_int, check_rank, check_ratio
 from ..schedule import ProjectionSchedule
+from ._storage import MomentStorage
 
 __all__ = ["CoapOptimizer", "COAP_GROUP_KEYS"]
 
@@ -50,6 +51,9 @@ def _all_finite(t: torch.Tensor) -> bool:
 
 class CoapOptimizer(Optimizer):
     """Base class of the COAP optimizers (not used directly)."""
+
+    # how moments are kept: fp32 here, blockwise 8-bit in the 8-bit forms
+    _storage: MomentStorage = MomentStorage()
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         self._projectors: dict[torch.Tensor, tuple[tuple, Projector | None, str]] = {}
@@ -115,7 +119,14 @@ class CoapOptimizer(Optimizer):
     def _route(self, p: torch.Tensor, group: dict[str, Any], index: int) -> tuple[Projector | None, str]:
         kinds = group["projection"]
         kind = kinds if isinstance(kinds, str) else kinds[index]
-        key = (kind, tuple(p.shape), group["rank"], group["rank_ratio_matrix"], group["rank_ratio_conv"], group["min_conv_numel"])
+        key = (
+            kind,
+            tuple(p.shape),
+            group["rank"],
+            group["rank_ratio_matrix"],
+            group["rank_ratio_conv"],
+            group["min_conv_numel"],
+        )
         cached = self._projectors.get(p)
         if cached is None or cached[0] != key:
             proj, reason = build_projector(
@@ -126,6 +137,8 @@ class CoapOptimizer(Optimizer):
                 rank_ratio_conv=group["rank_ratio_conv"],
                 min_conv_numel=group["min_conv_numel"],
             )
+            if kind == "none":
+                reason = "full rank: the param group's projection says 'none' (a CoapPolicy explains why)"
             cached = (key, proj, reason)
             self._projectors[p] = cached
         return cached[1], cached[2]
@@ -251,12 +264,13 @@ class CoapOptimizer(Optimizer):
         if group["weight_decay"] != 0 and group["lr"] is not None:
             p.mul_(1 - group["lr"] * group["weight_decay"])
 
-    # -- subclass hooks ----------------------------------------------------------------------
     def _init_moments(self, state: dict, shape: tuple[int, ...], p: torch.Tensor, group: dict) -> None:
-        raise NotImplementedError
+        for key, s in self._moment_shapes(shape, group).items():
+            self._storage.allocate(state, key, s, p.device)
 
+    # -- subclass hooks ----------------------------------------------------------------------
     def _moment_shapes(self, shape: tuple[int, ...], group: dict) -> dict[str, tuple[int, ...]]:
-        """Shapes of the moment tensors for a (projected or full) gradient of ``shape``."""
+        """Logical (fp32) shapes of the moments for a (projected or full) gradient of ``shape``."""
         raise NotImplementedError
 
     def _direction_moment(self, state: dict, core: torch.Tensor) -> torch.Tensor:
@@ -277,9 +291,11 @@ class CoapOptimizer(Optimizer):
     # -- checkpoints -------------------------------------------------------------------------
     def _expected_state_shapes(self, p: torch.Tensor, group: dict, index: int) -> dict[str, tuple[int, ...]]:
         proj, _ = self._route(p, group, index)
-        if proj is None:
-            return self._moment_shapes(tuple(p.shape), group)
-        return {**proj.state_shapes(), **self._moment_shapes(proj.moment_shape, group)}
+        moments = self._moment_shapes(tuple(p.shape) if proj is None else proj.moment_shape, group)
+        shapes = {} if proj is None else dict(proj.state_shapes())
+        for key, shape in moments.items():
+            shapes.update(self._storage.state_shapes(key, shape))
+        return shapes
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load like :class:`torch.optim.Optimizer`, refusing a state that does not fit.

@@ -21,7 +21,7 @@ def _as_matrix(t: torch.Tensor) -> torch.Tensor:
 
 def adafactor_direction(
     grad: torch.Tensor,
-    state: dict,
+    second: dict[str, torch.Tensor],
     *,
     beta2t: float,
     eps1: float,
@@ -29,16 +29,17 @@ def adafactor_direction(
 ) -> torch.Tensor:
     """Adafactor's normalized, clipped update for ``grad``; updates the second moment in place.
 
-    Tensors of two or more dims keep a factored second moment of their 2-D view (row and
-    column means of ``grad^2 + eps1``); 1-D tensors keep the full one.
+    ``second`` holds ``exp_avg_sq_row`` and ``exp_avg_sq_col`` (the factored second moment of the
+    2-D view of a tensor with two or more dims: row and column means of ``grad^2 + eps1``) or
+    ``exp_avg_sq`` (1-D tensors).
     """
     sq = grad.square().add_(eps1)
-    if "exp_avg_sq" in state:
-        state["exp_avg_sq"].mul_(beta2t).add_(sq, alpha=1 - beta2t)
-        update = state["exp_avg_sq"].rsqrt().mul_(grad)
+    if "exp_avg_sq" in second:
+        second["exp_avg_sq"].mul_(beta2t).add_(sq, alpha=1 - beta2t)
+        update = second["exp_avg_sq"].rsqrt().mul_(grad)
     else:
         sq2 = _as_matrix(sq)
-        row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+        row, col = second["exp_avg_sq_row"], second["exp_avg_sq_col"]
         row.mul_(beta2t).add_(sq2.mean(dim=1), alpha=1 - beta2t)
         col.mul_(beta2t).add_(sq2.mean(dim=0), alpha=1 - beta2t)
         r_factor = (row / row.mean()).rsqrt_().unsqueeze(1)
@@ -60,7 +61,11 @@ class CoapAdafactor(CoapOptimizer):
 
     With ``beta1=None`` (no first moment, the lean setting) the correlation update's direction
     term uses the current projected gradient ``G P`` in place of the moment: it then rewards
-    keeping the restored gradient aligned with the gradient itself, row by row.
+    keeping the restored gradient aligned with the gradient itself, row by row.  Note that
+    Adafactor's factored second moment is already sublinear: without a first moment the
+    projectors cost more memory than they save (``coap_report()`` shows it); COAP pays off for
+    Adafactor through the first moment.  Routing is the same as for CoapAdamW, so the two
+    optimizers project the same layers.
 
     Args:
         params: parameters, ``(name, parameter)`` pairs or param-group dicts.
@@ -168,31 +173,30 @@ class CoapAdafactor(CoapOptimizer):
             shapes["exp_avg_sq"] = shape
         return shapes
 
-    def _init_moments(self, state: dict, shape: tuple[int, ...], p: torch.Tensor, group: dict) -> None:
-        for key, s in self._moment_shapes(shape, group).items():
-            state[key] = torch.zeros(s, dtype=torch.float32, device=p.device)
-
     def _direction_moment(self, state: dict, core: torch.Tensor) -> torch.Tensor:
-        return state["exp_avg"] if "exp_avg" in state else core
+        return self._storage.load(state, "exp_avg") if "exp_avg" in state else core
 
     def _rotate_moments(self, state: dict, proj: Projector, new: dict[str, torch.Tensor]) -> None:
         if "exp_avg" in state:
-            state["exp_avg"] = proj.rotate(state["exp_avg"], state, new, squared=False)
+            rotated = proj.rotate(self._storage.load(state, "exp_avg"), state, new, squared=False)
+            self._storage.store(state, "exp_avg", rotated)
 
     def _full_rank_equivalent_bytes(self, p: torch.Tensor, group: dict) -> int:
         shapes = self._moment_shapes(tuple(p.shape), group)
         return 4 * sum(math.prod(s) for s in shapes.values())
 
     # -- updates -----------------------------------------------------------------------------
-    def _step_lr(self, p: torch.Tensor, group: dict, step: int) -> float:
+    def _step_lr(self, p: torch.Tensor, group: dict, step: int) -> float | torch.Tensor:
+        """The step's learning rate; a 0-d device tensor when scaled by the parameter's RMS
+        (reading it back would cost a host sync per parameter and step on a GPU)."""
         if group["relative_step"]:
             min_step = 1e-6 * step if group["warmup_init"] else 1e-2
             lr = min(min_step, 1.0 / math.sqrt(step))
         else:
             lr = group["lr"]
         if group["scale_parameter"]:
-            rms = float(torch.linalg.vector_norm(p, dtype=torch.float32)) / math.sqrt(p.numel())
-            lr *= max(group["eps"][1], rms)
+            rms = torch.linalg.vector_norm(p, dtype=torch.float32) / math.sqrt(p.numel())
+            return rms.clamp_min_(group["eps"][1]).mul_(lr)
         return lr
 
     def _decay_only(self, p: torch.Tensor, group: dict[str, Any]) -> None:
@@ -203,14 +207,22 @@ class CoapAdafactor(CoapOptimizer):
         step = state["step"]
         lr = self._step_lr(p, group, step)
         beta2t = 1.0 - math.pow(step, group["decay_rate"])
+        keys = ("exp_avg_sq",) if "exp_avg_sq" in state else ("exp_avg_sq_row", "exp_avg_sq_col")
+        second = {k: self._storage.load(state, k) for k in keys}
         update = adafactor_direction(
-            g, state, beta2t=beta2t, eps1=group["eps"][0], clip_threshold=group["clip_threshold"]
+            g, second, beta2t=beta2t, eps1=group["eps"][0], clip_threshold=group["clip_threshold"]
         )
+        for k, v in second.items():
+            self._storage.store(state, k, v)
         if group["beta1"] is not None:
-            update = state["exp_avg"].lerp_(update, 1 - group["beta1"])
+            update = self._storage.load(state, "exp_avg").lerp_(update, 1 - group["beta1"])
+            self._storage.store(state, "exp_avg", update)
         if group["weight_decay"] != 0:
             p.mul_(1 - lr * group["weight_decay"])
-        apply_update(update, -lr)
+        if isinstance(lr, torch.Tensor):
+            apply_update(update * lr, -1.0)
+        else:
+            apply_update(update, -lr)
 
     def _full_rank_step(self, p: torch.Tensor, g: torch.Tensor, state: dict, group: dict) -> None:
         if not state:

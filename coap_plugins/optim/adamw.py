@@ -115,19 +115,16 @@ class CoapAdamW(CoapOptimizer):
     def _moment_shapes(self, shape: tuple[int, ...], group: dict) -> dict[str, tuple[int, ...]]:
         return {"exp_avg": shape, "exp_avg_sq": shape}
 
-    def _init_moments(self, state: dict, shape: tuple[int, ...], p: torch.Tensor, group: dict) -> None:
-        state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-        state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-
     def _direction_moment(self, state: dict, core: torch.Tensor) -> torch.Tensor:
-        return state["exp_avg"]
+        return self._storage.load(state, "exp_avg")
 
     def _rotate_moments(self, state: dict, proj: Projector, new: dict[str, torch.Tensor]) -> None:
         # The first moment rotates exactly; the second moment is an elementwise average of
         # squares, carried by the squared rotation (keeps it non-negative; exact for
         # permutations and sign flips of the basis).
-        state["exp_avg"] = proj.rotate(state["exp_avg"], state, new, squared=False)
-        state["exp_avg_sq"] = proj.rotate(state["exp_avg_sq"], state, new, squared=True).clamp_min_(0)
+        load, store = self._storage.load, self._storage.store
+        store(state, "exp_avg", proj.rotate(load(state, "exp_avg"), state, new, squared=False))
+        store(state, "exp_avg_sq", proj.rotate(load(state, "exp_avg_sq"), state, new, squared=True).clamp_min_(0))
 
     def _full_rank_equivalent_bytes(self, p: torch.Tensor, group: dict) -> int:
         return 2 * p.numel() * p.element_size()
@@ -141,21 +138,29 @@ class CoapAdamW(CoapOptimizer):
             state["step"] = 0
             self._init_moments(state, tuple(p.shape), p, group)
         state["step"] += 1
-        p.mul_(1 - lr * wd)
-        adam_moments(state["exp_avg"], state["exp_avg_sq"], g, beta1, beta2)
+        if wd != 0:
+            p.mul_(1 - lr * wd)
+        exp_avg, exp_avg_sq = self._storage.load(state, "exp_avg"), self._storage.load(state, "exp_avg_sq")
+        adam_moments(exp_avg, exp_avg_sq, g, beta1, beta2)
         step_size, bc2_sqrt = adam_update_scale(lr, beta1, beta2, state["step"])
-        denom = (state["exp_avg_sq"].sqrt() / bc2_sqrt).add_(group["eps"])
+        denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(group["eps"])
         if p.dtype == torch.float32:
-            p.addcdiv_(state["exp_avg"], denom, value=-step_size)
+            p.addcdiv_(exp_avg, denom, value=-step_size)
         else:
-            p.add_((state["exp_avg"] / denom).to(p.dtype), alpha=-step_size)
+            p.add_((exp_avg / denom).to(p.dtype), alpha=-step_size)
+        self._storage.store(state, "exp_avg", exp_avg)
+        self._storage.store(state, "exp_avg_sq", exp_avg_sq)
 
     def _update_projected(self, p: torch.Tensor, core: torch.Tensor, state: dict, group: dict, proj: Projector) -> None:
         beta1, beta2 = group["betas"]
         lr, wd = group["lr"], group["weight_decay"]
-        adam_moments(state["exp_avg"], state["exp_avg_sq"], core, beta1, beta2)
+        exp_avg, exp_avg_sq = self._storage.load(state, "exp_avg"), self._storage.load(state, "exp_avg_sq")
+        adam_moments(exp_avg, exp_avg_sq, core, beta1, beta2)
+        self._storage.store(state, "exp_avg", exp_avg)
+        self._storage.store(state, "exp_avg_sq", exp_avg_sq)
         step_size, bc2_sqrt = adam_update_scale(lr, beta1, beta2, state["step"])
-        denom = (state["exp_avg_sq"].sqrt() / bc2_sqrt).add_(group["eps"])
-        update = torch.div(state["exp_avg"], denom, out=denom)
-        p.mul_(1 - lr * wd)
+        denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(group["eps"])
+        update = torch.div(exp_avg, denom, out=denom)
+        if wd != 0:
+            p.mul_(1 - lr * wd)
         proj.apply_update(p, update, state, -step_size)

@@ -45,8 +45,8 @@ def build_projector(
     """Decide how a weight of ``shape`` is projected; returns ``(projector or None, reason)``.
 
     ``None`` means the full-rank update.  ``kind="auto"`` routes by shape: 2-D -> matrix, 4-D
-    -> Tucker-2, anything else full rank; convs with at most ``min_conv_numel`` elements stay
-    full rank.  Ranks:
+    above ``min_conv_numel`` elements -> Tucker-2, anything else full rank (an explicit kind is
+    not subject to the size floor: a :class:`~coap_plugins.CoapPolicy` applies its own).  Ranks:
 
     * matrix: ``min(m, n) // rank_ratio_matrix`` when a ratio is given (the ratio wins over
       ``rank``), else ``rank``, else ratio 4; at least 1.
@@ -55,7 +55,9 @@ def build_projector(
       project the output mode only, and a mode whose rank is not below its size stays unprojected.
 
     A layer whose rank would not be smaller than the dimension it reduces takes the full-rank
-    update (the reason says so).
+    update, and so does one whose projectors plus two projected moments would hold at least as
+    many floats as two full-size moments (Adam's accounting; e.g. a 128x64 1x1 conv, whose output
+    rank is capped at 64): the reason says which.
     """
     if kind not in PROJECTION_KINDS:
         raise ValueError(f"Invalid projection kind: {kind!r} (expected one of {', '.join(PROJECTION_KINDS)})")
@@ -66,11 +68,11 @@ def build_projector(
         if len(shape) == 2:
             kind = "matrix"
         elif len(shape) == 4:
+            if math.prod(shape) <= min_conv_numel:
+                return None, f"conv with {math.prod(shape)} <= min_conv_numel={min_conv_numel} elements"
             kind = "tucker2"
         else:
             return None, f"{len(shape)}-D tensor (only 2-D and 4-D weights are projected)"
-    if kind == "tucker2" and len(shape) == 4 and math.prod(shape) <= min_conv_numel:
-        return None, f"conv with {math.prod(shape)} <= min_conv_numel={min_conv_numel} elements"
     if kind == "matrix":
         if len(shape) != 2:
             raise ValueError(f"Projection kind 'matrix' needs a 2-D weight, got shape {shape}")
@@ -83,7 +85,7 @@ def build_projector(
             r = max(1, int(short // DEFAULT_RANK_RATIO))
         if r >= short:
             return None, f"rank {r} is not below min(m, n)={short}"
-        return MatrixProjector(shape, r), f"matrix, rank {r} of {short}"
+        return _if_it_saves(MatrixProjector(shape, r), f"matrix, rank {r} of {short}")
     # tucker2
     if len(shape) != 4:
         raise ValueError(f"Projection kind 'tucker2' needs a 4-D conv weight, got shape {shape}")
@@ -99,4 +101,12 @@ def build_projector(
     what = f"tucker2, ranks ({r_out}, {r_in if r_in is not None else in_ch}) of ({out_ch}, {in_ch})"
     if r_in is None:
         what += " (output mode only)"
-    return Tucker2Projector(shape, r_out, r_in), what
+    return _if_it_saves(Tucker2Projector(shape, r_out, r_in), what)
+
+
+def _if_it_saves(proj: Projector, what: str) -> tuple[Projector | None, str]:
+    projected = proj.projector_numel() + 2 * math.prod(proj.moment_shape)
+    full = 2 * math.prod(proj.shape)
+    if projected >= full:
+        return None, f"full rank: {what} would hold {projected} state floats against {full}"
+    return proj, what
