@@ -10,7 +10,6 @@ from coap_plugins.projection.linalg import (
     correlation_step,
     low_cost_svd,
     random_orthonormal,
-    reconstruction_error,
 )
 
 f64 = torch.float64
@@ -145,14 +144,6 @@ def test_low_cost_svd_recovers_top_subspace():
     largest_angle = float(torch.arccos(cosines.min()))
     assert largest_angle < 1e-3
     assert torch.allclose(sv, s[:r], rtol=1e-4)
-
-
-def test_reconstruction_error_formula():
-    g = torch.Generator().manual_seed(7)
-    h = torch.randn(30, 12, generator=g, dtype=f64)
-    p = torch.randn(12, 5, generator=g, dtype=f64)
-    expected = (h - h @ p @ p.T).norm() / h.norm()
-    assert float(reconstruction_error(h, p, h @ p)) == pytest.approx(float(expected), rel=1e-10)
 
 
 def test_random_start_is_seeded_and_leaves_global_rng_alone():

@@ -246,9 +246,14 @@ class CoapOptimizer(Optimizer):
             start = time.perf_counter()
             # A non-finite gradient shows in the projection; such a step never reaches P.
             if _all_finite(core):
-                new, stats = proj.refresh(state, g, core, ctx, refresh, self._direction_moment(state, core))
+                new, cos = proj.refresh(state, g, core, ctx, refresh, self._direction_moment(state, core))
                 if all(_all_finite(t) for t in new.values()):
-                    tel.update(refresh=refresh, step=state["step"], recon_error=stats.recon_error, cos=stats.cos)
+                    # energy of G outside the subspace in use (exact for an orthonormal projector)
+                    captured = core.square().sum() / torch.linalg.vector_norm(g).square().clamp_min(1e-30)
+                    tel.update(refresh=refresh, step=state["step"], recon_error=(1 - captured).clamp_min(0).sqrt())
+                    tel.pop("cos", None)
+                    if cos is not None:
+                        tel["cos"] = cos
                 else:
                     new = None
             if new is None:

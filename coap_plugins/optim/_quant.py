@@ -90,9 +90,8 @@ class QuantCodec:
     def decode(self, codes: torch.Tensor, absmax: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``code[q] * absmax[block]`` as fp32, in the shape of ``codes``."""
         code = self._tables(codes.device)[0]
-        flat = code.index_select(0, codes.reshape(-1).long()) if out is None else out.view(-1)
-        if out is not None:
-            torch.index_select(code, 0, codes.reshape(-1).long(), out=flat)
+        index = codes.reshape(-1).int()  # index_select takes int32 indices: half the bytes of int64
+        flat = code.index_select(0, index) if out is None else torch.index_select(code, 0, index, out=out.view(-1))
         n = flat.numel()
         full = n - n % BLOCKSIZE
         if full:

@@ -7,7 +7,7 @@ from typing import Literal, Union
 
 import torch
 
-from .matrix import MatrixProjector, RefreshKind, RefreshStats
+from .matrix import MatrixProjector, RefreshKind
 from .tucker import Tucker2Projector
 
 __all__ = [
@@ -18,7 +18,6 @@ __all__ = [
     "ProjectionKind",
     "Projector",
     "RefreshKind",
-    "RefreshStats",
     "Tucker2Projector",
     "build_projector",
 ]

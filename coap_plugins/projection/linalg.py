@@ -22,10 +22,8 @@ __all__ = [
     "correlation_grad",
     "correlation_loss",
     "correlation_step",
-    "direction_cosine",
     "low_cost_svd",
     "random_orthonormal",
-    "reconstruction_error",
 ]
 
 # The reference implementation clips the gradient of the correlation loss to norm 1.0 and takes
@@ -44,7 +42,6 @@ class CorrelationResult(NamedTuple):
     grad: torch.Tensor  # dL/dP, n x r (before clipping)
     mse: torch.Tensor  # MSE(H P P^T, H)
     cos: torch.Tensor  # mean row cosine of (M P^T, H)
-    rel_err: torch.Tensor  # ||H - H P P^T|| / ||H||
 
 
 def _row_terms(h: torch.Tensor, a: torch.Tensor, m: torch.Tensor, s: torch.Tensor):
@@ -108,8 +105,7 @@ def correlation_grad(
     # The r x r terms: P (c_mse A^T A + c_cos M^T (w2 * M))
     small = torch.addmm(ata, m.T, m * w2[:, None], beta=c_mse, alpha=c_cos)
     grad.addmm_(p, small)
-    rel_err = (sq_err / h_sq.clamp_min(_TINY)).sqrt()
-    return CorrelationResult(grad, mse, cos, rel_err)
+    return CorrelationResult(grad, mse, cos)
 
 
 def correlation_step(
@@ -126,21 +122,6 @@ def correlation_step(
     norm = torch.linalg.vector_norm(res.grad)
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     return torch.add(p, res.grad * scale, alpha=-lr), res
-
-
-def reconstruction_error(h: torch.Tensor, p: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """``||H - H P P^T|| / ||H||`` from ``A = H P`` and r x r algebra (exact for any P)."""
-    h_sq = torch.linalg.vector_norm(h).square()
-    ata = a.T @ a
-    sq_err = (h_sq - 2 * torch.trace(ata) + (ata * (p.T @ p)).sum()).clamp_min(0)
-    return (sq_err / h_sq.clamp_min(_TINY)).sqrt()
-
-
-def direction_cosine(h: torch.Tensor, p: torch.Tensor, a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Mean row cosine of ``M P^T`` and ``H`` from ``A = H P`` (the direction term alone)."""
-    dots, m_norm, h_norm = _row_terms(h, a, m, p.T @ p)
-    denom = m_norm * h_norm
-    return torch.where(denom > 0, dots / denom.clamp_min(_TINY), torch.zeros_like(dots)).mean()
 
 
 def low_cost_svd(h: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,36 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
 
-from .linalg import (
-    correlation_step,
-    direction_cosine,
-    low_cost_svd,
-    random_orthonormal,
-    reconstruction_error,
-)
+from .linalg import correlation_step, low_cost_svd, random_orthonormal
 
-__all__ = ["MatrixProjector", "RefreshKind", "RefreshStats"]
+__all__ = ["MatrixProjector", "RefreshKind"]
 
 RefreshKind = Literal["correlation", "svd"]
 
 
-class RefreshStats(NamedTuple):
-    """Telemetry of one refresh, as 0-d tensors (reading them is the caller's choice)."""
-
-    recon_error: torch.Tensor  # ||G - Ĝ|| / ||G|| of the projector in use at the refresh step
-    cos: torch.Tensor  # direction term: mean row cosine of the restored moment and G
-
-
-def setup_sketch(h: torch.Tensor, rank: int, seed: int, passes: int = 2) -> torch.Tensor:
+def setup_sketch(h: torch.Tensor, rank: int, seed: int, passes: int = 1) -> torch.Tensor:
     """First projector of a layer: low-cost SVD passes from a seeded random start.
 
-    Each pass spans ``H^T H P``, i.e. one power iteration, so the start is already close to the
-    top-r right subspace instead of a random one.  Runs once per layer (at its first usable
-    gradient).
+    A pass spans ``H^T H P``: the randomized range finder with one power iteration, so the start
+    is already close to the top-r right subspace (the next recalibration refines it).  Runs once
+    per layer, at its first usable gradient.
     """
     p = random_orthonormal(h.shape[1], rank, seed, device=h.device)
     for _ in range(passes):
@@ -112,17 +99,19 @@ class MatrixProjector:
         ctx: None,
         kind: RefreshKind,
         moment: torch.Tensor,
-    ) -> tuple[dict[str, torch.Tensor], RefreshStats]:
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """New projector tensors from this step's gradient; ``projected`` is ``H P`` (reused).
 
         ``moment`` is the projected first moment before this step's update (``M_{t-1}``).
+        Also returns the direction term (mean row cosine of ``M P^T`` and ``H``) that a
+        correlation update computes on its way, ``None`` for a recalibration.
         """
-        h, p = self.tall(grad), state["proj"]
+        h = self.tall(grad)
         if kind == "correlation":
-            new_p, res = correlation_step(h, p, projected, moment)
-            return {"proj": new_p}, RefreshStats(res.rel_err, res.cos)
+            new_p, res = correlation_step(h, state["proj"], projected, moment)
+            return {"proj": new_p}, res.cos
         new_p, _ = low_cost_svd(h, projected, self.rank)
-        return {"proj": new_p}, RefreshStats(reconstruction_error(h, p, projected), direction_cosine(h, p, projected, moment))
+        return {"proj": new_p}, None
 
     def rotate(self, core: torch.Tensor, state: dict, new: dict[str, torch.Tensor], squared: bool) -> torch.Tensor:
         """Carry a projected moment from the old basis into the new one (``restore_state``)."""

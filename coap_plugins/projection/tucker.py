@@ -19,8 +19,8 @@ import math
 
 import torch
 
-from .linalg import correlation_step, direction_cosine, low_cost_svd, reconstruction_error
-from .matrix import RefreshKind, RefreshStats, setup_sketch
+from .linalg import correlation_step, low_cost_svd
+from .matrix import RefreshKind, setup_sketch
 
 __all__ = ["Tucker2Projector"]
 
@@ -139,13 +139,13 @@ class Tucker2Projector:
         ctx: torch.Tensor,
         kind: RefreshKind,
         moment: torch.Tensor,
-    ) -> tuple[dict[str, torch.Tensor], RefreshStats]:
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """Refresh both modes from this step's gradient, each as its own matrix problem.
 
         ``ctx`` is ``P_O^T G_(1)`` from :meth:`project`, i.e. ``(H_O P_O)^T``; ``moment`` the
         core-shaped first moment before this step.  The output mode sees the moment restored
-        along the input mode, and vice versa.  Reported telemetry is the worse mode's
-        reconstruction error and the mean of the modes' cosines.
+        along the input mode, and vice versa.  Also returns the mean of the modes' direction
+        terms for a correlation update, ``None`` for a recalibration.
         """
         problems = [
             (
@@ -161,18 +161,14 @@ class Tucker2Projector:
             m_in = (state["proj_out"] @ moment.reshape(self.rank_out, -1)).view(self.out_ch * self.k, self.rank_in)
             problems.append(("proj_in", h_in, h_in @ state["proj_in"], m_in, self.rank_in))
         new: dict[str, torch.Tensor] = {}
-        errors, cosines = [], []
+        cosines = []
         for key, h, a, m, rank in problems:
-            p = state[key]
             if kind == "correlation":
-                new[key], res = correlation_step(h, p, a, m)
-                errors.append(res.rel_err)
+                new[key], res = correlation_step(h, state[key], a, m)
                 cosines.append(res.cos)
             else:
                 new[key], _ = low_cost_svd(h, a, rank)
-                errors.append(reconstruction_error(h, p, a))
-                cosines.append(direction_cosine(h, p, a, m))
-        return new, RefreshStats(torch.stack(errors).max(), torch.stack(cosines).mean())
+        return new, torch.stack(cosines).mean() if cosines else None
 
     def rotate(self, core: torch.Tensor, state: dict, new: dict[str, torch.Tensor], squared: bool) -> torch.Tensor:
         """Carry a core-shaped moment into the new bases (``restore_state``)."""
