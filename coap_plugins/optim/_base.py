@@ -189,7 +189,6 @@ class CoapOptimizer(Optimizer):
                 loss = closure()
         self.last_refresh_seconds = 0.0
         for group in self.param_groups:
-            self._prepare_group(group)
             schedule = None
             if group["schedule"] == "optimizer":
                 schedule = ProjectionSchedule(group["update_interval"], group["reproject_factor"])
@@ -211,9 +210,6 @@ class CoapOptimizer(Optimizer):
             group["pending_refresh"] = "none"
         return loss
 
-    def _prepare_group(self, group: dict[str, Any]) -> None:
-        """Per-group, per-step preparation (e.g. Adafactor's relative step); default: nothing."""
-
     def _projected_step(
         self,
         p: torch.Tensor,
@@ -223,7 +219,7 @@ class CoapOptimizer(Optimizer):
         proj: Projector,
         schedule: ProjectionSchedule | None,
     ) -> None:
-        tel = self._telemetry.setdefault(p, {"waiting": True})
+        tel = self._telemetry.setdefault(p, {})
         if not state:
             peak = g.abs().amax()
             if not bool(torch.isfinite(peak) & (peak > 0)):
@@ -233,7 +229,6 @@ class CoapOptimizer(Optimizer):
             proj.setup(state, g, _param_seed(group["seed"], self._seed_index(p)))
             self._init_moments(state, proj.moment_shape, p, group)
             state["step"] = 0
-            tel["waiting"] = False
             refresh = "none"
         else:
             refresh = group["pending_refresh"]
