@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("sklearn")
 
-from coap_plugins import CoapAdafactor, CoapAdamW, CoapPolicy  # noqa: E402
+from coap_plugins import CoapAdafactor, CoapAdafactor8bit, CoapAdamW, CoapAdamW8bit, CoapPolicy  # noqa: E402
 from coap_plugins import demo  # noqa: E402
 from coap_plugins.examples import (  # noqa: E402
     SmallCNN,
@@ -82,7 +82,7 @@ class RefreshLog:
 def train(opt_factory):
     model = fresh_model()
     opt = opt_factory(model)
-    log = RefreshLog(opt) if isinstance(opt, (CoapAdamW, CoapAdafactor)) else None
+    log = RefreshLog(opt) if isinstance(opt, (CoapAdamW, CoapAdafactor)) else None  # 8-bit forms included
     return opt, log, model
 
 
@@ -92,6 +92,7 @@ def adamw_runs(digits):
     factories = {
         "full": lambda m: torch.optim.AdamW(m.parameters(), lr=ADAMW_LR),
         "coap": lambda m: CoapAdamW(coap_policy().param_groups(m), lr=ADAMW_LR, update_interval=UPDATE_INTERVAL),
+        "coap8": lambda m: CoapAdamW8bit(coap_policy().param_groups(m), lr=ADAMW_LR, update_interval=UPDATE_INTERVAL),
     }
     for key, factory in factories.items():
         opt, log, model = train(factory)
@@ -107,6 +108,7 @@ def adafactor_runs(digits):
     factories = {
         "full": lambda m: CoapAdafactor([{"params": list(m.parameters()), "projection": "none"}], **common),
         "coap": lambda m: CoapAdafactor(coap_policy().param_groups(m), **common),
+        "coap8": lambda m: CoapAdafactor8bit(coap_policy().param_groups(m), **common),
     }
     for key, factory in factories.items():
         opt, log, model = train(factory)
@@ -172,6 +174,21 @@ def test_coap_accuracy_is_within_gap_of_full_rank(runs, request):
         f"COAP {coap['test_accuracy']:.2f}% vs full rank {full['test_accuracy']:.2f}%"
     )
     assert coap["train_loss"][-1] < 0.5 * coap["train_loss"][0], coap["train_loss"]
+
+
+@pytest.mark.parametrize("runs", RUNS)
+def test_eight_bit_accuracy_is_within_gap_of_its_32bit_form(runs, request):
+    pair = request.getfixturevalue(runs)
+    coap, coap8 = pair["coap"]["result"], pair["coap8"]["result"]
+    assert coap8["nonfinite_steps"] == 0
+    assert coap8["test_accuracy"] >= coap["test_accuracy"] - MAX_GAP, (
+        f"8-bit {coap8['test_accuracy']:.2f}% vs 32-bit {coap['test_accuracy']:.2f}%"
+    )
+    opt8, opt32 = pair["coap8"]["opt"], pair["coap"]["opt"]
+    by_name = {row["name"]: opt8.param_groups[row["group"]]["params"][row["index"]] for row in opt8.routing()}
+    for name in ("fc1.weight", "features.8.weight"):  # moments of at least 4096 elements: 8 bits
+        assert opt8.state[by_name[name]]["exp_avg"].dtype == torch.uint8, name
+    assert opt8.state_bytes() < opt32.state_bytes()
 
 
 @pytest.mark.parametrize("runs", RUNS)
