@@ -448,3 +448,16 @@ def test_adafactor_without_first_moment_refreshes_with_the_projected_gradient():
     refreshed = {layer["name"]: layer for layer in opt.coap_report()["layers"]}
     assert refreshed["group0.param2"]["last_refresh"] in ("correlation", "svd")
     assert 0.0 < refreshed["group0.param2"]["cos"] <= 1.0  # direction term of G P against G
+
+
+def test_state_saved_without_newer_group_keys_still_loads():
+    params = make_params()
+    opt = make_opt(CoapAdamW, params)
+    run(opt, params, 0, 2)
+    sd = opt.state_dict()
+    for group in sd["param_groups"]:
+        del group["schedule"], group["pending_refresh"], group["seed"]
+    opt2 = make_opt(CoapAdamW, params)
+    opt2.load_state_dict(sd)
+    assert opt2.param_groups[0]["schedule"] == "optimizer" and opt2.param_groups[0]["pending_refresh"] == "none"
+    run(opt2, params, 2, 4)  # and it steps

@@ -340,6 +340,10 @@ class CoapOptimizer(Optimizer):
                     parts = diffs + ([f"missing {missing}"] if missing else []) + ([f"unexpected {extra}"] if extra else [])
                     raise ValueError(f"Cannot load optimizer state for {where}: " + "; ".join(parts))
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # a state saved by an older version may lack newer keys
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            group.setdefault("pending_refresh", "none")
         for pid, st in saved_state.items():
             p = id_map.get(pid)
             if p is None:
