@@ -1,0 +1,353 @@
+"""Composer adapter: :class:`CoapAlgorithm` and its functional form :func:`apply_coap`.
+
+The only module of the package that imports Composer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..optim import CoapOptimizer
+from ..policy import CoapPolicy
+from ..projection import DEFAULT_MIN_CONV_NUMEL
+from ._swap import CoapSettings, build_optimizer, rebind_lr_scheduler, translate_optimizer
+
+try:
+    from composer.core import Algorithm, Event, State
+    from composer.loggers import Logger
+except ImportError as e:  # pragma: no cover - exercised only without composer
+    raise ImportError(
+        "coap_plugins.algorithms.composer needs MosaicML Composer: pip install 'coap-plugins[composer]'"
+    ) from e
+
+__all__ = ["CoapAlgorithm", "apply_coap"]
+
+log = logging.getLogger(__name__)
+
+_FRESH_CHOICES = ("error", "fresh")
+
+
+def _is_composer_default_sgd(optimizer: torch.optim.Optimizer, model: nn.Module) -> bool:
+    """Composer's stand-in for ``optimizers=None``: ``DecoupledSGDW(model.parameters(), lr=0.1)``."""
+    if type(optimizer).__name__ != "DecoupledSGDW" or len(optimizer.param_groups) != 1:
+        return False
+    g = optimizer.param_groups[0]
+    defaults = dict(lr=0.1, momentum=0, dampening=0, weight_decay=0, nesterov=False)
+    if any(g.get(k) != v for k, v in defaults.items()):
+        return False
+    return [id(p) for p in g["params"]] == [id(p) for p in model.parameters()]
+
+
+def apply_coap(
+    model: nn.Module,
+    optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None,
+    schedulers: Any = None,
+    **settings: Any,
+) -> Any:
+    """Replace ``optimizers`` by their COAP counterparts (the functional form of :class:`CoapAlgorithm`).
+
+    Param groups are kept one-to-one; torch ``LRScheduler`` objects in ``schedulers`` that were
+    bound to a replaced optimizer are re-bound to its replacement.  With ``optimizers=None`` a
+    COAP optimizer is built from the settings (``lr``, ``betas``, ``eps``, ``weight_decay``).
+    The returned optimizers run their own refresh schedule (``update_interval``,
+    ``reproject_factor``) as plain torch optimizers do.
+
+    Args:
+        model: the model whose parameters the optimizers hold.
+        optimizers: an optimizer, a sequence of them, or None.
+        schedulers: torch LR schedulers to re-bind (default None).
+        **settings: any :class:`~coap_plugins.algorithms.CoapSettings` field.
+
+    Returns:
+        The new optimizer(s), in the shape ``optimizers`` was given (one, list or tuple).
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+        >>> opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        >>> opt = apply_coap(model, opt, rank_ratio_matrix=4, update_interval=32)
+        >>> type(opt).__name__
+        'CoapAdamW'
+    """
+    cfg = settings.pop("_settings", None) or CoapSettings(**settings)
+    if optimizers is None:
+        return build_optimizer(model, cfg)
+    single = isinstance(optimizers, torch.optim.Optimizer)
+    olds = [optimizers] if single else list(optimizers)
+    news = [translate_optimizer(o, model, cfg) for o in olds]
+    for sched in [schedulers] if schedulers is not None and not isinstance(schedulers, (list, tuple)) else (schedulers or []):
+        for old, new in zip(olds, news):
+            rebind_lr_scheduler(sched, old, new)
+    if single:
+        return news[0]
+    return type(optimizers)(news) if isinstance(optimizers, (list, tuple)) else news
+
+
+class CoapAlgorithm(Algorithm):
+    """Train with COAP: the Trainer's AdamW/Adafactor becomes its low-rank projected counterpart.
+
+    At ``Event.INIT`` every optimizer in ``state.optimizers`` is replaced (AdamW, Adam and
+    Composer's DecoupledAdamW -> CoapAdamW, Adafactor -> CoapAdafactor, 8-bit forms with
+    ``eight_bit=True``), keeping the user's param groups one-to-one; torch LR schedulers bound
+    to the old optimizer are re-bound at ``Event.BEFORE_LOAD`` (schedulers passed to ``fit`` at
+    ``Event.FIT_START``).  With ``optimizers=None`` (Composer's default ``DecoupledSGDW``) a
+    COAP optimizer is built from ``lr``, ``betas``, ``eps``, ``weight_decay``.
+
+    The algorithm owns the projection schedule: at ``Event.AFTER_TRAIN_BATCH`` (complete,
+    unscaled, all-reduced gradient, before the step) it requests the correlation update or the
+    SVD recalibration when due, once per optimizer step whatever the gradient accumulation.
+    Each refresh logs ``coap/state_bytes``, ``coap/full_rank_state_bytes``, ``coap/state_ratio``,
+    ``coap/reconstruction_error``, ``coap/cosine`` (correlation updates) and
+    ``coap/refresh_seconds``; the per-layer routing is logged once as hyperparameters.
+
+    Projectors ride in the optimizer state of Composer checkpoints, the schedule position in
+    this algorithm's state.  Composer does not re-create this algorithm when loading: pass it
+    again when resuming.  Resuming a checkpoint written without it (its AdamW state would be
+    skipped by Composer with only a warning) raises, unless ``on_foreign_checkpoint="fresh"``,
+    which starts the COAP state from scratch and logs ``coap/fresh_start``.  FSDP is refused.
+
+    Args:
+        optimizer: ``"auto"`` or a COAP optimizer name to use whatever the user passed (keeping
+            its groups' lr and weight decay) (default ``"auto"``).
+        eight_bit: 8-bit moments (default False).
+        rank: matrix rank when no ratio is given (default None).
+        rank_ratio_matrix: matrix rank = min(m, n) // ratio (default None: 4).
+        rank_ratio_conv: Tucker-2 rank ratio (default None: 4).
+        min_conv_numel: convs with at most this many elements stay full rank (default 9216).
+        exclude: parameter-name patterns kept full rank, e.g. ``["fc"]`` (default ()).
+        policy: a :class:`~coap_plugins.CoapPolicy` instead of the four arguments above (default None).
+        update_interval: T_u, optimizer steps (int) or batches (``"32ba"``) (default 32).
+        reproject_factor: every lambda-th refresh is an SVD recalibration (default 5).
+        restore_state: carry moments into a new basis (default False).
+        seed: base seed of the projectors (default 0).
+        lr: learning rate when Composer had no optimizer (default 1e-3).
+        betas: Adam betas when Composer had no optimizer (default (0.9, 0.999)).
+        eps: Adam eps when Composer had no optimizer (default 1e-8).
+        weight_decay: AdamW weight decay when Composer had no optimizer (default 1e-2).
+        on_foreign_checkpoint: ``"error"`` or ``"fresh"`` when resuming a checkpoint written
+            without CoapAlgorithm (default ``"error"``).
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer import Trainer
+            from composer.models import ComposerClassifier
+            from coap_plugins.algorithms import CoapAlgorithm
+            from coap_plugins.examples import SmallCNN, load_digits_tensors
+
+            data = load_digits_tensors(size=16)
+            loader = torch.utils.data.DataLoader(
+                torch.utils.data.TensorDataset(data.x_train, data.y_train), batch_size=64)
+            model = ComposerClassifier(SmallCNN(), num_classes=10)
+            trainer = Trainer(model=model, train_dataloader=loader, max_duration="20ba",
+                              optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3),
+                              algorithms=[CoapAlgorithm(rank_ratio_conv=4, update_interval=8)])
+            trainer.fit()
+    """
+
+    def __init__(
+        self,
+        optimizer: str = "auto",
+        *,
+        eight_bit: bool = False,
+        rank: int | None = None,
+        rank_ratio_matrix: float | None = None,
+        rank_ratio_conv: float | None = None,
+        min_conv_numel: int = DEFAULT_MIN_CONV_NUMEL,
+        exclude: Sequence[str] = (),
+        policy: CoapPolicy | None = None,
+        update_interval: int | str = 32,
+        reproject_factor: int = 5,
+        restore_state: bool = False,
+        seed: int = 0,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        on_foreign_checkpoint: str = "error",
+    ) -> None:
+        self.settings = CoapSettings(
+            optimizer=optimizer, eight_bit=eight_bit, rank=rank, rank_ratio_matrix=rank_ratio_matrix,
+            rank_ratio_conv=rank_ratio_conv, min_conv_numel=min_conv_numel, exclude=tuple(exclude), policy=policy,
+            update_interval=update_interval, reproject_factor=reproject_factor, restore_state=restore_state,
+            seed=seed, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+        )
+        if on_foreign_checkpoint not in _FRESH_CHOICES:
+            raise ValueError(f"Invalid on_foreign_checkpoint: {on_foreign_checkpoint!r} (expected 'error' or 'fresh')")
+        self.on_foreign_checkpoint = on_foreign_checkpoint
+        self.schedule = self.settings.schedule()
+        self.steps = 0  # optimizer steps taken under this algorithm (the schedule position)
+        self.refreshes: list[tuple[int, str]] = []  # (step, kind) of every refresh requested
+        self._replaced: list[tuple[torch.optim.Optimizer, CoapOptimizer]] = []
+        self._pending = "none"
+        self._loaded: dict[str, Any] | None = None
+        self._routing_logged = False
+
+    def __repr__(self) -> str:
+        s = self.settings
+        return (
+            f"CoapAlgorithm(optimizer={s.optimizer!r}, eight_bit={s.eight_bit}, update_interval={s.interval}, "
+            f"reproject_factor={s.reproject_factor}, policy={s.policy!r})"
+        )
+
+    @staticmethod
+    def required_on_load() -> bool:
+        return False
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd.update(
+            steps=self.steps,
+            update_interval=self.settings.interval,
+            reproject_factor=self.settings.reproject_factor,
+            optimizer_classes=[type(new).__name__ for _, new in self._replaced],
+        )
+        return sd
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._loaded = dict(state)
+
+    # -- events ------------------------------------------------------------------------------
+    def match(self, event: Event, state: State) -> bool:
+        return event in (
+            Event.INIT, Event.BEFORE_LOAD, Event.AFTER_LOAD, Event.FIT_START, Event.AFTER_TRAIN_BATCH, Event.BATCH_END,
+        )
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.INIT:
+            self._swap(state, logger)
+        elif event == Event.BEFORE_LOAD:
+            self._rebind(state)
+        elif event == Event.AFTER_LOAD:
+            self._after_load(state, logger)
+        elif event == Event.FIT_START:
+            self._check_parallelism(state)
+            self._rebind(state)
+        elif event == Event.AFTER_TRAIN_BATCH:
+            kind = self.schedule.refresh_at(self.steps + 1)
+            if kind != "none":
+                for opt in self._coap_optimizers(state):
+                    opt.request_refresh(kind)
+            self._pending = kind
+        elif event == Event.BATCH_END:
+            self.steps += 1
+            if self._pending != "none":
+                self.refreshes.append((self.steps, self._pending))
+                self._log_refresh(state, logger)
+            self._pending = "none"
+
+    def _check_parallelism(self, state: State) -> None:
+        if getattr(state, "fsdp_config", None) is not None or getattr(state, "fsdp_enabled", False):
+            raise ValueError(
+                "CoapAlgorithm does not support FSDP yet (its projectors need whole, unsharded gradients): "
+                "remove parallelism_config['fsdp'] (use DDP) or remove CoapAlgorithm"
+            )
+        if getattr(state, "tp_config", None) is not None:
+            raise ValueError("CoapAlgorithm does not support tensor parallelism: remove parallelism_config['tp']")
+
+    def _coap_optimizers(self, state: State) -> list[CoapOptimizer]:
+        return [o for o in state.optimizers if isinstance(o, CoapOptimizer)]
+
+    def _swap(self, state: State, logger: Logger) -> None:
+        self._check_parallelism(state)
+        model = state.model
+        new_opts = []
+        for old in state.optimizers:
+            if isinstance(old, CoapOptimizer):
+                new = old
+            elif _is_composer_default_sgd(old, model):
+                log.info("CoapAlgorithm: no optimizer was given; building %s(lr=%s)",
+                         self.settings.optimizer_class("adamw").__name__, self.settings.lr)
+                new = build_optimizer(model, self.settings)
+            else:
+                new = translate_optimizer(old, model, self.settings)
+            new.drive_refreshes_externally()
+            self._replaced.append((old, new))
+            new_opts.append(new)
+        if not new_opts:
+            raise ValueError("CoapAlgorithm found no optimizer to replace (the model has no trainable parameters?)")
+        state.optimizers = new_opts
+        self._log_routing(logger)
+
+    def _rebind(self, state: State) -> None:
+        for sched in state.schedulers:
+            for old, new in self._replaced:
+                if old is not new:
+                    rebind_lr_scheduler(sched, old, new)
+
+    def _after_load(self, state: State, logger: Logger) -> None:
+        resumed = int(state.timestamp.batch) > 0
+        mine = [type(new).__name__ for _, new in self._replaced]
+        if self._loaded is not None:
+            saved = self._loaded.get("optimizer_classes", mine)
+            if list(saved) != mine:
+                raise ValueError(
+                    f"The checkpoint was written with COAP optimizer(s) {saved} but this CoapAlgorithm builds {mine}: "
+                    "Composer would skip the optimizer state. Use the same optimizer/eight_bit settings as the run that "
+                    "wrote it"
+                )
+            for key in ("update_interval", "reproject_factor"):
+                if key in self._loaded and self._loaded[key] != getattr(self.settings, "interval" if key == "update_interval" else key):
+                    raise ValueError(
+                        f"The checkpoint was written with {key}={self._loaded[key]} but this CoapAlgorithm has "
+                        f"{key}={getattr(self.settings, 'interval' if key == 'update_interval' else key)}: use the same value"
+                    )
+            self.steps = int(self._loaded.get("steps", 0))
+            self._loaded = None
+        elif resumed:
+            if self.on_foreign_checkpoint == "error":
+                raise ValueError(
+                    f"The checkpoint was written without CoapAlgorithm (at batch {int(state.timestamp.batch)}): its optimizer "
+                    f"state does not belong to {', '.join(mine)} and Composer would drop it with only a warning. Resume "
+                    "without CoapAlgorithm, load only the weights (load_weights_only=True), or pass "
+                    "CoapAlgorithm(on_foreign_checkpoint='fresh') to start the COAP optimizer state from scratch"
+                )
+            log.warning("CoapAlgorithm: the checkpoint has no COAP state; starting the optimizer state fresh at batch %d",
+                        int(state.timestamp.batch))
+            logger.log_hyperparameters({"coap/fresh_start": True, "coap/fresh_start_batch": int(state.timestamp.batch)})
+            self.steps = 0
+
+    # -- logging -----------------------------------------------------------------------------
+    def _log_routing(self, logger: Logger) -> None:
+        if self._routing_logged:
+            return
+        table = {}
+        for oi, (_, opt) in enumerate(self._replaced):
+            for row in opt.routing():
+                name = row["name"] or f"group{row['group']}.param{row['index']}"
+                proj = row["projector"]
+                if proj is None:
+                    desc = "full rank"
+                else:
+                    ranks = {k: v for k, v in vars(proj).items() if "rank" in k}
+                    desc = f"{proj.kind} {ranks}" if ranks else proj.kind
+                key = f"coap/routing/{name}" if len(self._replaced) == 1 else f"coap/routing/opt{oi}/{name}"
+                table[key] = f"{desc} {'x'.join(map(str, row['shape']))}"
+        logger.log_hyperparameters(table)
+        self._routing_logged = True
+
+    def _log_refresh(self, state: State, logger: Logger) -> None:
+        reports = [opt.coap_report() for opt in self._coap_optimizers(state)]
+        total = sum(r["state_bytes"] for r in reports)
+        full = sum(r["full_rank_bytes"] for r in reports)
+        layers = [e for r in reports for e in r["layers"] if e.get("last_refresh_step") is not None]
+        recon = [e["recon_error"] for e in layers if "recon_error" in e]
+        cos = [e["cos"] for e in layers if "cos" in e]
+        metrics = {
+            "coap/state_bytes": total,
+            "coap/full_rank_state_bytes": full,
+            "coap/state_ratio": total / full if full else math.nan,
+            "coap/refresh_seconds": sum(r["last_refresh_seconds"] for r in reports),
+        }
+        if recon:
+            metrics["coap/reconstruction_error"] = sum(recon) / len(recon)
+        if cos:
+            metrics["coap/cosine"] = sum(cos) / len(cos)
+        logger.log_metrics(metrics)

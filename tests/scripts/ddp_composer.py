@@ -1,0 +1,54 @@
+"""Run by tests/test_composer.py under ``torch.distributed.run`` with 2 CPU processes (gloo).
+
+Each rank trains the same SmallCNN with CoapAlgorithm on its shard of the digits and saves its
+parameters and its optimizer's projectors to ``OUT/rank{R}.pt``.
+"""
+
+import os
+import sys
+
+import torch
+from composer import Trainer
+from composer.models import ComposerClassifier
+from composer.utils import dist
+
+from coap_plugins.algorithms import CoapAlgorithm
+from coap_plugins.examples import SmallCNN, load_digits_tensors
+
+
+def main(out: str) -> None:
+    torch.set_num_threads(1)
+    data = load_digits_tensors(size=16)
+    ds = torch.utils.data.TensorDataset(data.x_train[:512], data.y_train[:512])
+    sampler = dist.get_sampler(ds, shuffle=False)
+    loader = torch.utils.data.DataLoader(ds, batch_size=16, sampler=sampler)
+    torch.manual_seed(0)
+    model = ComposerClassifier(SmallCNN(), num_classes=10)
+    trainer = Trainer(
+        model=model,
+        train_dataloader=loader,
+        optimizers=torch.optim.AdamW(model.parameters(), lr=2e-3),
+        algorithms=[CoapAlgorithm(rank_ratio_conv=4, min_conv_numel=0, update_interval=2, reproject_factor=2)],
+        max_duration="8ba",
+        device="cpu",
+        seed=0,
+        progress_bar=False,
+        log_to_console=False,
+    )
+    trainer.fit()
+    opt = trainer.state.optimizers[0]
+    projectors = {
+        f"{gi}.{i}.{k}": v.clone()
+        for gi, g in enumerate(opt.param_groups)
+        for i, p in enumerate(g["params"])
+        for k, v in opt.state[p].items()
+        if k.startswith("proj")
+    }
+    params = {k: v.detach().clone() for k, v in trainer.state.model.named_parameters()}
+    rank = dist.get_global_rank()
+    torch.save({"params": params, "projectors": projectors, "world": dist.get_world_size(),
+                "refreshes": trainer.state.algorithms[0].refreshes}, os.path.join(out, f"rank{rank}.pt"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
