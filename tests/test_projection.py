@@ -36,6 +36,23 @@ def test_closed_form_matches_autograd_matrix(rows, cols, rank):
     assert float(abs(res.mse * (1 - res.cos) - correlation_loss(h, p, m))) < 1e-12
 
 
+def test_closed_form_clamps_tiny_rows_like_cosine_similarity():
+    """Rows of G that hold only rounding noise (and moment rows near zero) are clamped at 1e-8 in
+    the cosine, as torch.nn.functional.cosine_similarity does: the closed form follows autograd."""
+    g = torch.Generator().manual_seed(11)
+    h = torch.randn(40, 16, generator=g, dtype=f64)
+    h[:5] *= 1e-12  # noise rows
+    p = torch.randn(16, 4, generator=g, dtype=f64) / 4
+    m = torch.randn(40, 4, generator=g, dtype=f64)
+    m[5:8] *= 1e-12
+    res = correlation_grad(h, p, h @ p, m)
+    assert _rel(res.grad, _autograd_grad(h, p, m)) < 1e-5
+    # the noise rows add (almost) nothing to the direction term
+    cos_all = float(res.cos)
+    cos_real = float(torch.nn.functional.cosine_similarity(m[8:] @ p.T, h[8:], dim=1).sum() / 40)
+    assert abs(cos_all - cos_real) < 1e-3
+
+
 def test_closed_form_wide_weight_uses_transposed_problem():
     # W is 12 x 40: the projector reduces the 12-long side, so the tall problem is H = G^T.
     g = torch.Generator().manual_seed(1)

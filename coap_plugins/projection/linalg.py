@@ -31,8 +31,10 @@ __all__ = [
 CORRELATION_LR = 0.1
 CORRELATION_MAX_NORM = 1.0
 
-# Rows of G or of the restored moment with (near) zero norm contribute nothing to the direction
-# term; this guards the divisions without changing any row with a real norm.
+# Row norms below this are clamped in the cosine, as torch.nn.functional.cosine_similarity does
+# (its default eps): a row of G that holds only rounding noise then adds almost nothing to the
+# direction term, instead of a full-size cosine of random sign.
+COS_EPS = 1e-8
 _TINY = 1e-30
 
 
@@ -60,7 +62,7 @@ def correlation_loss(h: torch.Tensor, p: torch.Tensor, m: torch.Tensor) -> torch
     g_hat = h @ p @ p.T
     mse = (g_hat - h).pow(2).mean()
     m_hat = m @ p.T
-    cos = torch.nn.functional.cosine_similarity(m_hat, h, dim=1, eps=_TINY).mean()
+    cos = torch.nn.functional.cosine_similarity(m_hat, h, dim=1, eps=COS_EPS).mean()
     return mse * (1 - cos)
 
 
@@ -74,7 +76,8 @@ def correlation_grad(
     * ``dMSE/dP = 2/(mn) (K P S + P P^T K P - 2 K P) = 2/(mn) (H^T A (S - 2I) + P A^T A)``
       (supplementary Eq. 4 with ``Ĝ^T G P = P P^T K P`` and ``G^T Ĝ P = K P S``);
     * ``dCos/dP = 1/m (H^T (w1 * M) - P M^T (w2 * M))`` with per-row weights
-      ``w1 = 1 / (|M̂_i| |H_i|)`` and ``w2 = <M̂_i, H_i> / (|M̂_i|^3 |H_i|)`` (Eq. 6);
+      ``w1 = 1 / (|M̂_i| |H_i|)`` and ``w2 = <M̂_i, H_i> / (|M̂_i|^3 |H_i|)`` (Eq. 6), norms clamped
+      at ``COS_EPS`` as ``torch.nn.functional.cosine_similarity`` clamps them;
     * ``dL/dP = dMSE (1 - Cos) - MSE dCos``: the product rule gives a minus where the paper's
       Eq. 3 prints a plus; ``tests/test_projection.py`` checks this against autograd.
 
@@ -89,12 +92,13 @@ def correlation_grad(
     h_sq = h_norm.square().sum()
     sq_err = (h_sq - 2 * torch.trace(ata) + (ata * s).sum()).clamp_min(0)
     mse = sq_err / (rows * cols)
-    denom = (m_norm * h_norm).clamp_min(_TINY)
-    valid = (m_norm > 0) & (h_norm > 0)
-    cos_rows = torch.where(valid, dots / denom, torch.zeros_like(dots))
+
+    m_c, h_c = m_norm.clamp_min(COS_EPS), h_norm.clamp_min(COS_EPS)
+    w1 = 1.0 / (m_c * h_c)
+    cos_rows = dots * w1
     cos = cos_rows.mean()
-    w1 = torch.where(valid, 1.0 / denom, torch.zeros_like(denom))
-    w2 = torch.where(valid, cos_rows / m_norm.clamp_min(_TINY).pow(2), torch.zeros_like(denom))
+    # |M̂_i| depends on P only where it is not clamped
+    w2 = torch.where(m_norm > COS_EPS, cos_rows / m_c.square(), torch.zeros_like(cos_rows))
 
     c_mse = 2.0 * (1 - cos) / (rows * cols)
     c_cos = mse / rows
