@@ -461,3 +461,19 @@ def test_state_saved_without_newer_group_keys_still_loads():
     opt2.load_state_dict(sd)
     assert opt2.param_groups[0]["schedule"] == "optimizer" and opt2.param_groups[0]["pending_refresh"] == "none"
     run(opt2, params, 2, 4)  # and it steps
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_zero_gradient_step_with_lr_zero_changes_nothing(cls):
+    """torch's distributed-checkpoint loader steps a fresh optimizer once with all-zero gradients
+    and lr 0 before loading: no weight moves and no projector is built from that."""
+    params = make_params()
+    start = {k: v.detach().clone() for k, v in params.items()}
+    opt = make_opt(cls, params, lr=0.0) if cls is CoapAdamW else make_opt(cls, params, lr=0.0, relative_step=False)
+    for p in params.values():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for k, p in params.items():
+        assert torch.equal(p, start[k]), k
+        assert not any(key.startswith("proj") for key in opt.state[p]), k
+    assert len(opt.waiting_parameters()) == 4  # tall, wide, conv, 1x1 conv wait for a usable gradient
