@@ -239,6 +239,10 @@ def test_refreshes_follow_schedule_and_are_logged(digits):
     assert len(mem.data["coap/state_ratio"]) == 6 and len(mem.data["coap/cosine"]) == 3
     assert 0 < mem.data["coap/state_ratio"][-1][1] < 1
     assert any(k.startswith("l2_norm/grad") for k in mem.data)  # OptimizerMonitor still works
+    # ... and reports COAP's per-parameter numbers through the optimizer's hook
+    conv = "module.features.8.weight"
+    assert f"coap/state_bytes/{conv}" in mem.data and f"coap/reconstruction_error/{conv}" in mem.data
+    assert int(mem.data[f"coap/state_bytes/{conv}"][-1][1]) == opt.state_bytes(dict(trainer.state.model.named_parameters())[conv])
     routing = {k: v for k, v in mem.hyperparameters.items() if k.startswith("coap/routing/")}
     assert any("tucker2" in v for v in routing.values()) and any("full rank" in v for v in routing.values())
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2

@@ -378,6 +378,21 @@ class CoapOptimizer(Optimizer):
                 out.append(row["name"] or f"group{row['group']}.param{row['index']}")
         return out
 
+    def report_per_parameter_metrics(
+        self, param: torch.Tensor, name: str, optimizer_metrics: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Per-parameter COAP numbers for Composer's ``OptimizerMonitor`` (which calls this hook
+        when present): ``coap/state_bytes/<name>`` and, after a refresh,
+        ``coap/reconstruction_error/<name>`` and ``coap/cosine/<name>``."""
+        if self.state.get(param):
+            optimizer_metrics[f"coap/state_bytes/{name}"] = self.state_bytes(param)
+            tel = self._telemetry.get(param, {})
+            if "recon_error" in tel:
+                optimizer_metrics[f"coap/reconstruction_error/{name}"] = tel["recon_error"]
+            if "cos" in tel:
+                optimizer_metrics[f"coap/cosine/{name}"] = tel["cos"]
+        return optimizer_metrics
+
     def coap_report(self) -> dict[str, Any]:
         """Totals and per-parameter telemetry (reads device scalars: call it when you log)."""
         layers = []
