@@ -1,5 +1,6 @@
 """Framework adapters.  Nothing here imports a framework until it is used:
-``from coap_plugins.algorithms import CoapAlgorithm`` imports Composer at that moment."""
+``from coap_plugins.algorithms import CoapAlgorithm`` imports Composer at that moment,
+``from coap_plugins.algorithms import CoapCallback`` imports Lightning."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from typing import Any
 
 from ._swap import CoapSettings, build_optimizer, rebind_lr_scheduler, translate_optimizer
 
-__all__ = ["CoapAlgorithm", "CoapSettings", "apply_coap", "build_optimizer", "rebind_lr_scheduler", "translate_optimizer"]
+__all__ = ["CoapAlgorithm", "CoapCallback", "CoapSettings", "apply_coap", "build_optimizer", "rebind_lr_scheduler", "translate_optimizer"]
 
 _COMPOSER_NAMES = ("CoapAlgorithm", "apply_coap")
+_LIGHTNING_NAMES = ("CoapCallback",)
 
 
 def __getattr__(name: str) -> Any:
@@ -17,4 +19,8 @@ def __getattr__(name: str) -> Any:
         from . import composer
 
         return getattr(composer, name)
+    if name in _LIGHTNING_NAMES:
+        from . import lightning
+
+        return getattr(lightning, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

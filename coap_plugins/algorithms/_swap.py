@@ -14,6 +14,7 @@ The Composer algorithm and the Lightning callback share these:
 from __future__ import annotations
 
 import functools
+import math
 import re
 import weakref
 from collections.abc import Sequence
@@ -34,6 +35,9 @@ __all__ = [
     "build_optimizer",
     "parse_interval",
     "rebind_lr_scheduler",
+    "refresh_metrics",
+    "routing_summary",
+    "routing_table",
     "translate_optimizer",
     "translatable_names",
 ]
@@ -227,7 +231,7 @@ def _adafactor_group(group: dict[str, Any], source_is_torch: bool) -> dict[str, 
 
 
 def translate_optimizer(
-    optimizer: torch.optim.Optimizer, model: nn.Module, settings: CoapSettings
+    optimizer: torch.optim.Optimizer, model: nn.Module, settings: CoapSettings, *, adapter: str = "CoapAlgorithm"
 ) -> CoapOptimizer:
     """The COAP counterpart of ``optimizer``, its param groups kept one-to-one.
 
@@ -238,6 +242,7 @@ def translate_optimizer(
     projector kind of each parameter comes from ``settings.policy``.  Any other optimizer is
     refused unless ``settings.optimizer`` names a COAP optimizer, in which case the groups keep
     lr, weight decay and their extra keys and everything else takes the COAP defaults.
+    ``adapter`` is the name the refusal message gives the caller (``"CoapCallback"`` in Lightning).
     """
     if isinstance(optimizer, CoapOptimizer):
         raise ValueError(f"The optimizer is already a COAP optimizer ({type(optimizer).__name__}); nothing to translate")
@@ -247,7 +252,7 @@ def translate_optimizer(
     family = _family(optimizer)
     if settings.optimizer == "auto" and family is None:
         raise ValueError(
-            f"CoapAlgorithm cannot translate {name}: supported are {translatable_names()}. "
+            f"{adapter} cannot translate {name}: supported are {translatable_names()}. "
             f"Pass one of those, or name the COAP optimizer explicitly (optimizer='coap_adamw', ...) "
             f"to keep {name}'s lr and weight decay and use COAP defaults for the rest"
         )
@@ -317,3 +322,53 @@ def rebind_lr_scheduler(scheduler: Any, old: torch.optim.Optimizer, new: torch.o
     _track_step_calls(new)
     new._opt_called = getattr(old, "_opt_called", False)  # type: ignore[attr-defined]
     return True
+
+
+def routing_table(optimizers: Sequence[CoapOptimizer]) -> dict[str, str]:
+    """``coap/routing/<param>`` -> ``"<projector> <ranks> <shape>"`` for every parameter, logged
+    once as hyperparameters by both framework adapters."""
+    table = {}
+    for oi, opt in enumerate(optimizers):
+        for row in opt.routing():
+            name = row["name"] or f"group{row['group']}.param{row['index']}"
+            proj = row["projector"]
+            if proj is None:
+                desc = "full rank"
+            else:
+                ranks = {k: v for k, v in vars(proj).items() if "rank" in k}
+                desc = f"{proj.kind} {ranks}" if ranks else proj.kind
+            key = f"coap/routing/{name}" if len(optimizers) == 1 else f"coap/routing/opt{oi}/{name}"
+            table[key] = f"{desc} {'x'.join(map(str, row['shape']))}"
+    return table
+
+
+def routing_summary(optimizers: Sequence[CoapOptimizer]) -> str:
+    """A short human summary of the routing: how many parameters got which projector."""
+    counts: dict[str, int] = {}
+    for opt in optimizers:
+        for row in opt.routing():
+            kind = row["projector"].kind if row["projector"] is not None else "full rank"
+            counts[kind] = counts.get(kind, 0) + 1
+    parts = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
+    return f"COAP routing: {parts} parameter(s)"
+
+
+def refresh_metrics(optimizers: Sequence[CoapOptimizer]) -> dict[str, float]:
+    """The ``coap/*`` metrics both adapters log after a refresh (means over refreshed layers)."""
+    reports = [opt.coap_report() for opt in optimizers]
+    total = sum(r["state_bytes"] for r in reports)
+    full = sum(r["full_rank_bytes"] for r in reports)
+    layers = [e for r in reports for e in r["layers"] if e.get("last_refresh_step") is not None]
+    recon = [e["recon_error"] for e in layers if "recon_error" in e]
+    cos = [e["cos"] for e in layers if "cos" in e]
+    metrics = {
+        "coap/state_bytes": float(total),
+        "coap/full_rank_state_bytes": float(full),
+        "coap/state_ratio": total / full if full else math.nan,
+        "coap/refresh_seconds": sum(r["last_refresh_seconds"] for r in reports),
+    }
+    if recon:
+        metrics["coap/reconstruction_error"] = sum(recon) / len(recon)
+    if cos:
+        metrics["coap/cosine"] = sum(cos) / len(cos)
+    return metrics

@@ -6,7 +6,6 @@ The only module of the package that imports Composer.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +15,15 @@ from torch import nn
 from ..optim import CoapOptimizer
 from ..policy import CoapPolicy
 from ..projection import DEFAULT_MIN_CONV_NUMEL
-from ._swap import CoapSettings, build_optimizer, rebind_lr_scheduler, translate_optimizer
+from ._swap import (
+    CoapSettings,
+    build_optimizer,
+    rebind_lr_scheduler,
+    refresh_metrics,
+    routing_summary,
+    routing_table,
+    translate_optimizer,
+)
 
 try:
     from composer.core import Algorithm, Event, State
@@ -318,36 +325,10 @@ class CoapAlgorithm(Algorithm):
     def _log_routing(self, logger: Logger) -> None:
         if self._routing_logged:
             return
-        table = {}
-        for oi, (_, opt) in enumerate(self._replaced):
-            for row in opt.routing():
-                name = row["name"] or f"group{row['group']}.param{row['index']}"
-                proj = row["projector"]
-                if proj is None:
-                    desc = "full rank"
-                else:
-                    ranks = {k: v for k, v in vars(proj).items() if "rank" in k}
-                    desc = f"{proj.kind} {ranks}" if ranks else proj.kind
-                key = f"coap/routing/{name}" if len(self._replaced) == 1 else f"coap/routing/opt{oi}/{name}"
-                table[key] = f"{desc} {'x'.join(map(str, row['shape']))}"
-        logger.log_hyperparameters(table)
+        optimizers = [opt for _, opt in self._replaced]
+        log.info(routing_summary(optimizers))
+        logger.log_hyperparameters(routing_table(optimizers))
         self._routing_logged = True
 
     def _log_refresh(self, state: State, logger: Logger) -> None:
-        reports = [opt.coap_report() for opt in self._coap_optimizers(state)]
-        total = sum(r["state_bytes"] for r in reports)
-        full = sum(r["full_rank_bytes"] for r in reports)
-        layers = [e for r in reports for e in r["layers"] if e.get("last_refresh_step") is not None]
-        recon = [e["recon_error"] for e in layers if "recon_error" in e]
-        cos = [e["cos"] for e in layers if "cos" in e]
-        metrics = {
-            "coap/state_bytes": total,
-            "coap/full_rank_state_bytes": full,
-            "coap/state_ratio": total / full if full else math.nan,
-            "coap/refresh_seconds": sum(r["last_refresh_seconds"] for r in reports),
-        }
-        if recon:
-            metrics["coap/reconstruction_error"] = sum(recon) / len(recon)
-        if cos:
-            metrics["coap/cosine"] = sum(cos) / len(cos)
-        logger.log_metrics(metrics)
+        logger.log_metrics(refresh_metrics(self._coap_optimizers(state)))

@@ -1,0 +1,58 @@
+"""Run by tests/test_lightning.py under ``torch.distributed.run`` with 2 CPU processes (gloo).
+
+Each rank trains the same SmallCNN with CoapCallback on its shard of the digits (Lightning's
+DistributedSampler) and saves its parameters and its optimizer's projectors to ``OUT/rank{R}.pt``.
+"""
+
+import os
+import sys
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from coap_plugins.algorithms import CoapCallback
+from coap_plugins.examples import SmallCNN, load_digits_tensors
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = SmallCNN()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=2e-3)
+
+
+def main(out: str) -> None:
+    torch.set_num_threads(1)
+    data = load_digits_tensors(size=16)
+    ds = torch.utils.data.TensorDataset(data.x_train[:512], data.y_train[:512])
+    loader = torch.utils.data.DataLoader(ds, batch_size=16, shuffle=False)
+    torch.manual_seed(0)
+    model = Classifier()
+    cb = CoapCallback(rank_ratio_conv=4, min_conv_numel=0, update_interval=2, reproject_factor=2)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, num_nodes=1, strategy="ddp", max_steps=8, callbacks=[cb], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
+    )
+    trainer.fit(model, loader)
+    opt = trainer.optimizers[0]
+    projectors = {
+        f"{gi}.{i}.{k}": v.clone()
+        for gi, g in enumerate(opt.param_groups)
+        for i, p in enumerate(g["params"])
+        for k, v in opt.state[p].items()
+        if k.startswith("proj")
+    }
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    torch.save({"params": params, "projectors": projectors, "world": trainer.world_size, "refreshes": cb.refreshes},
+               os.path.join(out, f"rank{trainer.global_rank}.pt"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
