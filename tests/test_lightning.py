@@ -22,15 +22,10 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException  # 
 
 from coap_plugins import CoapAdamW, CoapAdamW8bit  # noqa: E402
 from coap_plugins.algorithms import CoapCallback  # noqa: E402
-from coap_plugins.examples import SmallCNN, load_digits_tensors  # noqa: E402
+from coap_plugins.examples import SmallCNN  # noqa: E402
 
 torch.set_num_threads(1)
 BATCH = 32
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits_tensors(size=16)
 
 
 def loader(data, n=BATCH * 6, batch=BATCH):

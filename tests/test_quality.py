@@ -48,11 +48,6 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits_tensors(size=SIZE, seed=SEED)
-
-
 def fresh_model() -> SmallCNN:
     torch.manual_seed(SEED)
     return SmallCNN()

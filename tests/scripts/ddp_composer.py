@@ -4,7 +4,6 @@ Each rank trains the same SmallCNN with CoapAlgorithm on its shard of the digits
 parameters and its optimizer's projectors to ``OUT/rank{R}.pt``.
 """
 
-import os
 import sys
 
 import torch
@@ -14,6 +13,8 @@ from composer.utils import dist
 
 from coap_plugins.algorithms import CoapAlgorithm
 from coap_plugins.examples import SmallCNN, load_digits_tensors
+
+from _rank_state import save_rank_state  # this folder: run as a script
 
 
 def main(out: str) -> None:
@@ -36,19 +37,8 @@ def main(out: str) -> None:
         log_to_console=False,
     )
     trainer.fit()
-    opt = trainer.state.optimizers[0]
-    projectors = {
-        f"{gi}.{i}.{k}": v.clone()
-        for gi, g in enumerate(opt.param_groups)
-        for i, p in enumerate(g["params"])
-        for k, v in opt.state[p].items()
-        if k.startswith("proj")
-    }
-    params = {k: v.detach().clone() for k, v in trainer.state.model.named_parameters()}
-    rank = dist.get_global_rank()
-    torch.save({"params": params, "projectors": projectors, "world": dist.get_world_size(),
-                "refreshes": trainer.state.algorithms[0].refreshes}, os.path.join(out, f"rank{rank}.pt"))
-
+    save_rank_state(out, dist.get_global_rank(), dist.get_world_size(), trainer.state.optimizers[0],
+                    trainer.state.model.named_parameters(), trainer.state.algorithms[0].refreshes)
 
 if __name__ == "__main__":
     main(sys.argv[1])

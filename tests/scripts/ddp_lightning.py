@@ -4,7 +4,6 @@ Each rank trains the same SmallCNN with CoapCallback on its shard of the digits 
 DistributedSampler) and saves its parameters and its optimizer's projectors to ``OUT/rank{R}.pt``.
 """
 
-import os
 import sys
 
 import lightning.pytorch as pl
@@ -13,6 +12,8 @@ from torch import nn
 
 from coap_plugins.algorithms import CoapCallback
 from coap_plugins.examples import SmallCNN, load_digits_tensors
+
+from _rank_state import save_rank_state  # this folder: run as a script
 
 
 class Classifier(pl.LightningModule):
@@ -41,17 +42,8 @@ def main(out: str) -> None:
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
     )
     trainer.fit(model, loader)
-    opt = trainer.optimizers[0]
-    projectors = {
-        f"{gi}.{i}.{k}": v.clone()
-        for gi, g in enumerate(opt.param_groups)
-        for i, p in enumerate(g["params"])
-        for k, v in opt.state[p].items()
-        if k.startswith("proj")
-    }
-    params = {k: v.detach().clone() for k, v in model.named_parameters()}
-    torch.save({"params": params, "projectors": projectors, "world": trainer.world_size, "refreshes": cb.refreshes},
-               os.path.join(out, f"rank{trainer.global_rank}.pt"))
+    save_rank_state(out, trainer.global_rank, trainer.world_size, trainer.optimizers[0], model.named_parameters(),
+                    cb.refreshes)
 
 
 if __name__ == "__main__":
