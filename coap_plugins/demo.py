@@ -1,215 +1,97 @@
-"""Side-by-side demo: torch AdamW vs CoapAdamW on a small ResNet, 8x8 digits (``make demo``).
+"""``make demo``: ResNet-18 on the digits with AdamW and with COAP through Composer, side by side.
 
-Run ``python -m coap_plugins.demo`` (``--help`` for options).  Both runs start from the same
-initial weights and see the same batches in the same order; the table reports test accuracy,
-test loss, training wall time and the optimizer state each optimizer actually holds.  Needs
-scikit-learn (``pip install coap-plugins[vision]``); nothing is downloaded.
+Runs ``python -m coap_plugins.demo`` (``--help`` for options):
+
+1. writes the digits webdataset shards (once, into the data cache);
+2. trains the recipe ``yamls/<trainer>/resnet18_digits_adamw.yaml`` (the AdamW baseline) and
+   ``yamls/<trainer>/resnet18_digits.yaml`` (the same recipe with CoapAdamW), same seed, same
+   batches;
+3. prints the side-by-side table (accuracy, eval loss, optimizer-state bytes, throughput, wall
+   time) and writes ``comparison.md`` and ``comparison.png`` next to the two run folders.
+
+Nothing is downloaded.  The recipes come from the source checkout's ``yamls/`` folder.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import platform
+import json
+import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-import torch
+__all__ = ["RECIPES", "main", "parse_args", "run_demo"]
 
-from .examples import SmallResNet, load_digits_tensors, optimizer_state_bytes, train_classifier
-from .optim import CoapAdamW
-from .policy import CoapPolicy
-
-__all__ = ["format_table", "main", "parse_args", "run_demo"]
-
-HEAD = "fc"
+RECIPES = Path(__file__).resolve().parents[1] / "yamls"
+_RUNS = (("adamw", "resnet18_digits_adamw.yaml"), ("coap", "resnet18_digits.yaml"))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Command-line options of the demo.
-
-    Args:
-        argv: arguments without the program name; ``None`` reads ``sys.argv``.
-
-    Returns:
-        The parsed options.
-    """
+    """Command-line options of the demo (``argv`` without the program name; None reads sys.argv)."""
     parser = argparse.ArgumentParser(
         prog="python -m coap_plugins.demo",
-        description="Train a small ResNet on scikit-learn's 8x8 digits with torch AdamW and with CoapAdamW.",
+        description="Train ResNet-18 on scikit-learn's digits with AdamW and with CoapAdamW (coap-train recipes).",
     )
-    parser.add_argument("--epochs", type=int, default=20, help="passes over the training set per run (default 20)")
-    parser.add_argument("--size", type=int, default=16, help="images are upsampled to SIZE x SIZE, >= 8 (default 16)")
-    parser.add_argument("--batch-size", type=int, default=64, help="training batch size (default 64)")
-    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of both runs, cosine-decayed (default 3e-3)")
-    parser.add_argument("--weight-decay", type=float, default=1e-2, help="decoupled weight decay of both runs (default 1e-2)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split, the initial weights and the batch order (default 0)")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch intra-op threads during the runs; 0 leaves torch's choice (default 1: the model is too "
-        "small to gain much from more, one thread keeps the numbers reproducible across machines and the "
-        "timings steady on a busy one)",
-    )
+    parser.add_argument("--out", default="runs/demo", help="folder of the two runs and the comparison (default runs/demo)")
+    parser.add_argument("--trainer", choices=("composer", "lightning"), default="composer",
+                        help="which recipes to run (default composer)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's choice; 1 is steadier on a busy machine)")
+    parser.add_argument("overrides", nargs="*", metavar="dotted.key=value",
+                        help="recipe overrides for both runs, e.g. max_duration=2ep")
     args = parser.parse_args(argv)
-    if args.epochs < 1:
-        parser.error(f"--epochs must be >= 1, got {args.epochs}")
-    if args.size < 8:
-        parser.error(f"--size must be >= 8, got {args.size}")
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    if not args.lr > 0:
-        parser.error(f"--lr must be > 0, got {args.lr}")
-    if args.threads < 0:
-        parser.error(f"--threads must be >= 0, got {args.threads}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"argument --threads: invalid value {args.threads} (must be >= 1)")
     return args
 
 
-def run_demo(
-    *,
-    epochs: int = 20,
-    size: int = 16,
-    batch_size: int = 64,
-    lr: float = 3e-3,
-    weight_decay: float = 1e-2,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Train the same SmallResNet twice, with torch AdamW and with CoapAdamW.
+def run_demo(args: argparse.Namespace) -> tuple[Path, Path, list[dict[str, Any]]]:
+    """Write the shards, train both recipes, compare; returns (comparison.md, .png, summaries).
 
-    COAP settings: ``rank_ratio_conv=4``, ``rank_ratio_matrix=4``, the default refresh
-    schedule (``update_interval=32``, ``reproject_factor=5``) and the classifier head ``fc``
-    kept full rank through ``CoapPolicy(exclude=["fc"])``.
-
-    Args:
-        epochs: passes over the training set per run.
-        size: image side after upsampling.
-        batch_size: training batch size.
-        lr: peak learning rate of both runs (cosine decay per step).
-        weight_decay: decoupled weight decay of both runs.
-        seed: seed of the split, the initial weights and the batch order.
-
-    Returns:
-        A dict with ``rows`` (one per optimizer: ``name``, the
-        :func:`~coap_plugins.examples.train_classifier` results, ``state_bytes`` and
-        ``state_ratio`` to torch AdamW), ``coap_report`` (the COAP optimizer's
-        :meth:`~coap_plugins.CoapOptimizer.coap_report` after training), ``policy``, ``model``
-        (the untrained initial model both runs copied) and ``data``.
+    Each run is its own ``coap-train`` process, so that its peak memory is its own.
     """
-    data = load_digits_tensors(size=size, seed=seed)
-    torch.manual_seed(seed)
-    initial = SmallResNet()
-    policy = CoapPolicy(rank_ratio_conv=4, rank_ratio_matrix=4, exclude=[HEAD])
+    from .train.config import load_config
+    from .train.loader import prepare_shards
+    from .train.report import compare
 
-    rows = []
-    report: dict[str, Any] = {}
-    for name in ("torch AdamW", "CoapAdamW"):
-        model = copy.deepcopy(initial)
-        if name == "torch AdamW":
-            opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-        else:
-            opt = CoapAdamW(policy.param_groups(model), lr=lr, weight_decay=weight_decay)
-        result = train_classifier(model, opt, data, epochs, batch_size, seed, lr_schedule="cosine")
-        result["name"] = name
-        result["state_bytes"] = optimizer_state_bytes(opt)
-        if isinstance(opt, CoapAdamW):
-            report = opt.coap_report()
-        rows.append(result)
-    base = rows[0]["state_bytes"]
-    for row in rows:
-        row["state_ratio"] = row["state_bytes"] / base if base else float("nan")
-    return {"rows": rows, "coap_report": report, "policy": policy, "model": initial, "data": data}
-
-
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Rows of :func:`run_demo` as an aligned, markdown-style table.
-
-    Args:
-        rows: dicts with ``name``, ``test_accuracy``, ``test_loss``, ``wall_seconds``,
-            ``state_bytes`` and ``state_ratio``.
-
-    Returns:
-        The table, one line per row plus header and rule lines.
-    """
-    header = ("optimizer", "test acc (%)", "test loss", "wall (s)", "state bytes", "state / AdamW")
-    body = [
-        (
-            r["name"],
-            f"{r['test_accuracy']:.2f}",
-            f"{r['test_loss']:.4f}",
-            f"{r['wall_seconds']:.1f}",
-            f"{r['state_bytes']:,}",
-            f"{r['state_ratio']:.3f}",
-        )
-        for r in rows
-    ]
-    widths = [max(len(line[i]) for line in (header, *body)) for i in range(len(header))]
-
-    def fmt(cells: Sequence[str]) -> str:
-        parts = [cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:])]
-        return "| " + " | ".join(parts) + " |"
-
-    rule = "|" + "|".join(
-        "-" * (w + 2) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)
-    ) + "|"
-    return "\n".join([fmt(header), rule, *(fmt(b) for b in body)])
+    out = Path(args.out)
+    configs, commands = [], []
+    for label, recipe in _RUNS:
+        path = RECIPES / args.trainer / recipe
+        if not path.is_file():
+            raise FileNotFoundError(f"Recipe not found: {path} (the demo runs from a source checkout of coap-plugins)")
+        overrides = [f"output_dir={out / label}", "progress_bar=false", "checkpoint.interval=null", *args.overrides]
+        if args.threads is not None:
+            overrides.append(f"threads={args.threads}")
+        configs.append(load_config(path, overrides))  # validated here, before anything runs
+        commands.append([sys.executable, "-m", "coap_plugins.train.cli", str(path), *overrides])
+    shards = prepare_shards(configs[0].data)
+    print(f"digits shards: {shards}")
+    summaries = []
+    for cfg, command in zip(configs, commands):
+        print(f"training {cfg.name} ({cfg.trainer}, {cfg.max_duration}) ...", flush=True)
+        if subprocess.call(command) != 0:
+            raise RuntimeError(f"coap-train failed for {cfg.name}: {' '.join(command)}")
+        summaries.append(json.loads((Path(cfg.output_dir or ".") / "summary.json").read_text()))
+    md, png = compare([cfg.output_dir for cfg in configs], out)
+    return md, png, summaries
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m coap_plugins.demo``; prints the comparison table.
-
-    Args:
-        argv: arguments without the program name; ``None`` reads ``sys.argv``.
-
-    Returns:
-        The exit status (0).
-    """
+    """Run the demo; prints the comparison table and the plot's path."""
     args = parse_args(argv)
-    previous_threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
-        _run_and_print(args)
-    finally:
-        torch.set_num_threads(previous_threads)
+        md, png, _ = run_demo(args)
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"demo: error: {exc}", file=sys.stderr)
+        return 1
+    table = [line for line in md.read_text().splitlines() if line.startswith("|") or line.startswith("Best")]
+    print("\n".join(table))
+    print(f"\ncomparison: {md}\nplot: {png}")
     return 0
 
 
-def _run_and_print(args: argparse.Namespace) -> None:
-    """Run both trainings with the parsed options and print the header lines and the table."""
-    print(
-        f"COAP demo: SmallResNet on scikit-learn digits upsampled to {args.size}x{args.size}, "
-        f"{args.epochs} epoch(s), batch {args.batch_size}, lr {args.lr:g} (cosine), weight decay {args.weight_decay:g}, "
-        f"seed {args.seed}; torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
-        f"Python {platform.python_version()}",
-        flush=True,
-    )
-    out = run_demo(
-        epochs=args.epochs,
-        size=args.size,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-    )
-    data = out["data"]
-    n_train_steps = out["rows"][0]["steps"]
-    layers = out["coap_report"].get("layers", [])
-    kinds: dict[str, int] = {}
-    for layer in layers:
-        if layer["projector"] != "none":
-            kinds[layer["projector"]] = kinds.get(layer["projector"], 0) + 1
-    projected = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"
-    n_params = sum(p.numel() for p in out["model"].parameters())
-    print(
-        f"{len(data.y_train)} train / {len(data.y_test)} test images, {n_params:,} parameters, "
-        f"{n_train_steps} steps per run; COAP (rank ratio 4, update_interval 32, reproject_factor 5, "
-        f"head '{HEAD}' full rank) projects {projected} layers"
-    )
-    print()
-    print(format_table(out["rows"]))
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -435,6 +435,16 @@ def test_adam_and_adafactor_translate(digits):
     before = params(trainer)
     trainer.fit()
     assert any(not torch.equal(before[k], v) for k, v in params(trainer).items())
+    # timm's Adafactor has a first moment (betas) and names its epsilons differently
+    timm_optim = pytest.importorskip("timm.optim")
+    model = make_model()
+    fac = timm_optim.Adafactor(model.parameters(), lr=1e-2, betas=(0.8, 0.999), eps_scale=2e-3, weight_decay=0.01)
+    g = make_trainer(digits, model=model, optimizer=fac).state.optimizers[0].param_groups[0]
+    assert (g["lr"], g["beta1"], g["eps"], g["relative_step"], g["weight_decay"]) == (1e-2, 0.8, (1e-30, 2e-3), False, 0.01)
+    assert not {"betas", "eps_scale", "min_dim_size_to_factor", "caution"} & g.keys()
+    model = make_model()
+    with pytest.raises(ValueError, match="Cannot translate Adafactor with caution=True"):
+        make_trainer(digits, model=model, optimizer=timm_optim.Adafactor(model.parameters(), lr=1e-2, caution=True))
 
 
 def test_timm_resnet_trains_and_logs(digits):

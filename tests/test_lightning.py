@@ -448,7 +448,7 @@ def test_lightning_cli_yaml_recipe(tmp_path):
 
     from coap_plugins.algorithms.lightning import DigitsClassifier, cli_main
 
-    yaml_path = Path(__file__).parents[1] / "yamls" / "lightning" / "small_cnn_digits.yaml"
+    yaml_path = Path(__file__).parents[1] / "yamls" / "lightningcli" / "small_cnn_digits.yaml"
     cli = cli_main(["fit", "--config", str(yaml_path), "--trainer.max_epochs=2",
                     "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
                     "--trainer.limit_val_batches=0", f"--trainer.default_root_dir={tmp_path}",

@@ -1,8 +1,6 @@
 """coap_plugins.train.data: shard writers, the shard reader and the coap-data script."""
 
 import json
-import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +9,7 @@ import torch
 pytest.importorskip("webdataset")
 pytest.importorskip("sklearn")
 
+from _fakes import write_fake_cifar, write_png_folder  # noqa: E402  (tests/ helper)
 from coap_plugins.examples import load_digits_tensors  # noqa: E402
 from coap_plugins.train.data import (  # noqa: E402
     main,
@@ -119,24 +118,8 @@ def test_writer_refuses_folder_with_shards(digits_dir):
         write_digits_shards(out, size=8)
 
 
-def _write_png_folder(root: Path, sizes: dict[str, int]) -> dict[str, list[np.ndarray]]:
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    pixels = {}
-    for name, n in sizes.items():
-        (root / name).mkdir(parents=True)
-        pixels[name] = []
-        for i in range(n):
-            array = rng.integers(0, 256, size=(6, 5, 3), dtype=np.uint8)
-            Image.fromarray(array).save(root / name / f"img{i}.png")
-            pixels[name].append(array.transpose(2, 0, 1))
-    (root / next(iter(sizes)) / "notes.txt").write_text("not an image")
-    return pixels
-
-
 def test_imagefolder_converter(tmp_path):
-    pixels = _write_png_folder(tmp_path / "src", {"cat": 5, "dog": 3})
+    pixels = write_png_folder(tmp_path / "src", {"cat": 5, "dog": 3})
     meta = write_imagefolder_shards(tmp_path / "src", tmp_path / "out", val_fraction=0.4, seed=1)
     assert meta["classes"] == ["cat", "dog"]
     assert meta["counts"] == {"train": 3 + 2, "val": 2 + 1}
@@ -172,24 +155,8 @@ def test_imagefolder_errors(tmp_path):
         write_imagefolder_shards(tmp_path / "src", tmp_path / "out", val_fraction=1.0)
 
 
-def _write_fake_cifar(folder: Path, per_batch: int = 4) -> dict[str, tuple[np.ndarray, list[int]]]:
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    batches = {}
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
-        labels = rng.integers(0, 10, size=per_batch).tolist()
-        batches[name] = (data, labels)
-        with (folder / name).open("wb") as f:
-            pickle.dump({b"batch_label": name.encode(), b"data": data, b"labels": labels}, f)
-    names = [n.encode() for n in ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]]
-    with (folder / "batches.meta").open("wb") as f:
-        pickle.dump({b"label_names": names, b"num_vis": 3072}, f)
-    return batches
-
-
 def test_cifar10_converter(tmp_path):
-    batches = _write_fake_cifar(tmp_path / "cifar-10-batches-py")
+    batches = write_fake_cifar(tmp_path / "cifar-10-batches-py")
     meta = write_cifar10_shards(tmp_path, tmp_path / "out", shard_size=7)  # the parent folder works
     assert meta["counts"] == {"train": 20, "val": 4} and meta["size"] == [32, 32] and meta["classes"][0] == "airplane"
     assert meta["shards"]["train"] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
@@ -202,7 +169,7 @@ def test_cifar10_converter(tmp_path):
 
 
 def test_cifar10_missing_files_says_nothing_is_downloaded(tmp_path):
-    _write_fake_cifar(tmp_path / "cifar-10-batches-py")
+    write_fake_cifar(tmp_path / "cifar-10-batches-py")
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
     with pytest.raises(FileNotFoundError, match="missing in .*cifar-10-batches-py: data_batch_3 .*nothing is downloaded"):
         write_cifar10_shards(tmp_path, tmp_path / "out")
@@ -214,7 +181,7 @@ def test_coap_data_cli(tmp_path, capsys):
     assert main(["digits", "--out", str(tmp_path / "d"), "--size", "8"]) == 0
     assert "wrote 1347 train, 450 val samples (1x8x8, 10 classes)" in capsys.readouterr().out
     assert read_meta(tmp_path / "d")["counts"] == {"train": 1347, "val": 450}
-    _write_png_folder(tmp_path / "src", {"a": 2, "b": 2})
+    write_png_folder(tmp_path / "src", {"a": 2, "b": 2})
     assert main(["imagefolder", str(tmp_path / "src"), "--out", str(tmp_path / "f"), "--val-fraction", "0.5"]) == 0
     assert read_meta(tmp_path / "f")["counts"] == {"train": 2, "val": 2}
     assert main(["cifar10", str(tmp_path / "none"), "--out", str(tmp_path / "c")]) == 2

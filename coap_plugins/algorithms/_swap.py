@@ -50,7 +50,7 @@ _IMPL_KEYS = ("foreach", "fused", "capturable", "differentiable", "decoupled_wei
 
 def translatable_names() -> str:
     """The optimizers ``optimizer="auto"`` can translate, for error messages."""
-    return "torch.optim.AdamW / Adam, composer DecoupledAdamW -> CoapAdamW; Adafactor -> CoapAdafactor"
+    return "torch.optim.AdamW / Adam, composer DecoupledAdamW -> CoapAdamW; Adafactor (torch, timm, transformers) -> CoapAdafactor"
 
 
 def parse_interval(name: str, value: Any) -> int:
@@ -218,8 +218,14 @@ def _adam_group(group: dict[str, Any], decoupled_by_lr: bool, source: str) -> di
 def _adafactor_group(group: dict[str, Any], source_is_torch: bool) -> dict[str, Any]:
     if group.get("maximize"):
         raise ValueError("Cannot translate Adafactor with maximize=True (set maximize=False)")
-    out = {k: v for k, v in group.items() if k not in _IMPL_KEYS + ("maximize",)}
-    if source_is_torch:
+    if group.get("caution"):
+        raise ValueError("Cannot translate Adafactor with caution=True: CoapAdafactor has no cautious update (set caution=False)")
+    out = {k: v for k, v in group.items() if k not in _IMPL_KEYS + ("maximize", "caution")}
+    if "eps_scale" in out:
+        # timm.optim.Adafactor: eps and eps_scale where transformers has eps=(eps1, eps2)
+        out["eps"] = (out.pop("eps"), out.pop("eps_scale"))
+        out.pop("min_dim_size_to_factor", None)  # COAP factors every projected moment
+    elif source_is_torch:
         # torch.optim.Adafactor: (lr, beta2_decay, eps=(eps1, eps2), d, weight_decay), no first moment
         eps1, eps2 = out.pop("eps", (None, 1e-3))
         out["eps"] = (1e-30 if eps1 is None else eps1, eps2)

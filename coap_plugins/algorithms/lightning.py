@@ -434,7 +434,7 @@ class DigitsClassifier(pl.LightningModule):
 
 
 def cli_main(args: Any = None) -> Any:
-    """``python -m coap_plugins.algorithms.lightning fit --config yamls/lightning/small_cnn_digits.yaml``:
+    """``python -m coap_plugins.algorithms.lightning fit --config yamls/lightningcli/small_cnn_digits.yaml``:
     LightningCLI over any LightningModule (``model.class_path``); returns the ``LightningCLI``."""
     try:
         from lightning.pytorch.cli import LightningCLI

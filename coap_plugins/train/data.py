@@ -31,6 +31,7 @@ import io
 import json
 import os
 import pickle
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -376,6 +377,31 @@ def _shard_urls(pattern_or_dir: str | os.PathLike[str], split: str) -> list[str]
     return urls
 
 
+def _key_index(sample: dict[str, Any]) -> int:
+    m = re.search(r"(\d+)$", str(sample.get("__key__", "")))
+    if m is None:
+        raise ValueError(f"Sample key {sample.get('__key__')!r} in {sample.get('__url__')!r} does not end in an index")
+    return int(m.group(1))
+
+
+class _EveryNth:
+    """Keep samples ``rank, rank + world, ...`` of the stream (a sample-level rank split)."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
+
+    def __call__(self, src: Iterable[Any]) -> Iterable[Any]:
+        for i, sample in enumerate(src):
+            if i % self.world == self.rank:
+                yield sample
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
 def _decode_sample(sample: dict[str, Any]) -> tuple[torch.Tensor, int]:
     if "image.npy" not in sample or "cls" not in sample:
         raise ValueError(
@@ -386,6 +412,10 @@ def _decode_sample(sample: dict[str, Any]) -> tuple[torch.Tensor, int]:
     return torch.from_numpy(_as_float_image(array).copy()), int(sample["cls"])
 
 
+def _decode_with_index(sample: dict[str, Any]) -> tuple[torch.Tensor, int, int]:
+    return (*_decode_sample(sample), _key_index(sample))
+
+
 def shard_dataset(
     pattern_or_dir: str | os.PathLike[str],
     split: Split,
@@ -393,6 +423,8 @@ def shard_dataset(
     shuffle_buffer: int = 0,
     seed: int = 0,
     epoch_length: int | None = None,
+    rank_split: Literal["shard", "sample"] = "shard",
+    with_index: bool = False,
 ) -> Any:
     """A webdataset pipeline over shards, yielding ``(image, label)``.
 
@@ -415,6 +447,11 @@ def shard_dataset(
         epoch_length: when given, the stream repeats the shards endlessly and each pass over the
             pipeline stops after this many samples (webdataset's ``with_epoch``), per rank and
             worker.
+        rank_split: ``"shard"`` (default) gives each rank whole shards; ``"sample"`` has every
+            rank read every shard and keep every ``world_size``-th sample, so ranks get equal
+            shares (within one sample) whatever the shard count: for evaluation sets.
+        with_index: yield ``(image, label, index)``, ``index`` being the sample's position in
+            its split as the writer numbered it (its key), e.g. to draw fixed noise per image.
 
     Returns:
         A ``webdataset.DataPipeline`` (an ``IterableDataset``) for ``torch.utils.data.DataLoader``.
@@ -429,11 +466,20 @@ def shard_dataset(
     stages: list[Any] = [wds.SimpleShardList(urls)]
     if shuffle_buffer > 0:
         stages.append(wds.detshuffle(bufsize=len(urls), initial=len(urls), seed=seed))
-    stages += [wds.split_by_node, wds.split_by_worker, wds.tarfile_to_samples()]
+    if rank_split not in ("shard", "sample"):
+        raise ValueError(f"Invalid rank_split: {rank_split!r} (expected 'shard' or 'sample')")
+    if rank_split == "shard":
+        stages += [wds.split_by_node, wds.split_by_worker, wds.tarfile_to_samples()]
+    else:
+        rank, world = _rank_world()
+        stages += [wds.split_by_worker, wds.tarfile_to_samples(), _EveryNth(rank, world)]
     if shuffle_buffer > 0:
         # a different seed than the shard shuffle, still identical on every rank/worker
         stages.append(wds.detshuffle(bufsize=shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed + 1))
-    stages.append(wds.map(_decode_sample))
+    if with_index:
+        stages.append(wds.map(_decode_with_index))
+    else:
+        stages.append(wds.map(_decode_sample))
     pipeline = wds.DataPipeline(*stages)
     if epoch_length is not None:
         pipeline = pipeline.with_epoch(epoch_length)

@@ -1,0 +1,105 @@
+"""``coap-train CONFIG.yaml [dotted.key=value ...]``: train a recipe with Composer or Lightning.
+
+The recipe is validated (:func:`~coap_plugins.train.config.load_config`) before anything heavy is
+imported.  ``devices: N`` (N > 1) runs DDP through each framework's own launcher: Composer's
+``composer -n N`` (this command re-launches itself under it) or Lightning's DDP strategy
+(which starts the other processes itself); gloo on CPU, NCCL on GPUs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .config import ConfigError, TrainConfig, load_config
+
+__all__ = ["main", "run"]
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run(cfg: TrainConfig, *, stop_after_batches: int | None = None) -> dict[str, Any] | None:
+    """Train the recipe ``cfg`` in this process; returns the summary (None on ranks other than 0).
+
+    Args:
+        cfg: a validated recipe (:func:`~coap_plugins.train.config.load_config`).
+        stop_after_batches: stop before batch N + 1 as if the process were killed (raises
+            :class:`~coap_plugins.train.common.RunInterrupted`), leaving the checkpoints written
+            so far: for testing resumption.
+    """
+    from .loader import prepare_data
+    from .tasks import TaskModule, build_model
+
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    data = prepare_data(cfg.data, cfg.seed)
+    _seed_everything(cfg.seed)  # the initial weights depend on the seed alone
+    net = build_model(cfg, data.in_chans, data.num_classes)
+    task = TaskModule(cfg, net, data.meta)
+    if cfg.trainer == "composer":
+        from .composer_run import run_composer
+
+        return run_composer(cfg, data, task, stop_after_batches=stop_after_batches)
+    from .lightning_run import run_lightning
+
+    return run_lightning(cfg, data, task, stop_after_batches=stop_after_batches)
+
+
+def _relaunch_under_composer(cfg: TrainConfig, argv: Sequence[str]) -> int:
+    """Run this command again under ``composer -n devices`` (Composer's DDP launcher)."""
+    launcher = [sys.executable, "-m", "composer.cli.launcher", "-n", str(cfg.devices),
+                "-m", "coap_plugins.train.cli", *argv]
+    env = dict(os.environ)
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    return subprocess.call(launcher, env=env)
+
+
+def _print_summary(summary: dict[str, Any], output_dir: str) -> None:
+    final = ", ".join(f"{k} {v:.4g}" for k, v in summary["final"].items())
+    ratio = summary["state_bytes"] / max(1, summary["full_rank_state_bytes"])
+    print(
+        f"{summary['name']}: {final}; optimizer state {summary['state_bytes']:,} bytes "
+        f"({100 * ratio:.1f} % of full rank); {summary['samples_per_second']:.1f} samples/s; "
+        f"{summary['wall_seconds']:.1f} s\nreport: {os.path.join(output_dir, 'report.md')}"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``coap-train`` console script; returns the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(__doc__.strip().split("\n\n")[0])
+        print("\nusage: coap-train CONFIG.yaml [dotted.key=value ...]\n\nExample: coap-train yamls/composer/resnet18_digits.yaml max_duration=50ba")
+        return 0 if args else 2
+    try:
+        cfg = load_config(args[0], args[1:])
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"coap-train: error: {exc}", file=sys.stderr)
+        return 2
+    if cfg.trainer == "composer" and cfg.devices > 1 and "LOCAL_WORLD_SIZE" not in os.environ:
+        return _relaunch_under_composer(cfg, args)
+    try:
+        summary = run(cfg)
+    except (OSError, ValueError) as exc:
+        print(f"coap-train: error: {exc}", file=sys.stderr)
+        return 1
+    if summary is not None:
+        _print_summary(summary, cfg.output_dir or ".")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""``trainer: composer``: the recipe as a Composer ``Trainer`` with :class:`CoapAlgorithm`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .common import RunInterrupted, require, build_optimizer, coap_kwargs, count_params, lr_scheduler, total_steps
+from .config import TrainConfig
+from .loader import DataBundle, ShardLoader
+from .outputs import RunLog
+from .tasks import TaskModule, eval_metrics
+
+__all__ = ["run_composer"]
+
+_PRECISION = {"fp32": "fp32", "bf16": "amp_bf16", "fp16": "amp_fp16"}
+
+
+def _model_class() -> type:
+    from composer.models import ComposerModel
+
+    class CoapTaskModel(ComposerModel):
+        """A :class:`TaskModule` as a ``ComposerModel`` (forward, loss, eval metrics)."""
+
+        def __init__(self, task: TaskModule) -> None:
+            super().__init__()
+            self.task = task
+            self.metrics = torch.nn.ModuleDict(eval_metrics(task.task))
+
+        def forward(self, batch: Any) -> torch.Tensor:
+            return self.task(batch)
+
+        def loss(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+            return self.task.loss(outputs, batch)
+
+        def eval_forward(self, batch: Any, outputs: Any | None = None) -> dict[str, torch.Tensor]:
+            return outputs if outputs is not None else self.task.eval_values(batch)
+
+        def get_metrics(self, is_train: bool = False) -> dict[str, Any]:
+            return {} if is_train else dict(self.metrics.items())
+
+        def update_metric(self, batch: Any, outputs: Any, metric: Any) -> None:
+            metric.update(outputs[metric.key])
+
+    return CoapTaskModel
+
+
+def _no_split(batch: Any, microbatch_size: int) -> list[Any]:
+    """Composer's batch splitting without its warning for a short last batch."""
+    n = len(batch[0])
+    if microbatch_size >= n:
+        return [batch]
+    return [tuple(t[i : i + microbatch_size] for t in batch) for i in range(0, n, microbatch_size)]
+
+
+def _callback_class() -> type:
+    from composer.core import Callback, State
+    from composer.loggers import Logger
+
+    class RunRecorder(Callback):
+        """Feeds :class:`RunLog`, keeps the loader's epoch in step, stops on ``stop_after_batches``."""
+
+        def __init__(self, log: RunLog, loader: ShardLoader, stop_after: int | None) -> None:
+            self.log, self.loader, self.stop_after = log, loader, stop_after
+            self._eval_start = 0.0
+            self.first_step: int | None = None
+
+        def fit_start(self, state: State, logger: Logger) -> None:
+            self.loader.set_epoch(int(state.timestamp.epoch))
+            self.first_step = int(state.timestamp.batch)
+
+        def epoch_start(self, state: State, logger: Logger) -> None:
+            self.loader.set_epoch(int(state.timestamp.epoch))
+
+        def batch_start(self, state: State, logger: Logger) -> None:
+            if self.stop_after is not None and int(state.timestamp.batch) >= self.stop_after:
+                raise RunInterrupted(f"stopped after {self.stop_after} batches (stop_after_batches)")
+
+        def batch_end(self, state: State, logger: Logger) -> None:
+            loss = state.loss.detach().float().mean().item() if torch.is_tensor(state.loss) else float("nan")
+            lr = state.optimizers[0].param_groups[0]["lr"]
+            # at BATCH_END the timestamp already counts this batch
+            self.log.train_row(int(state.timestamp.batch), int(state.timestamp.epoch), loss, lr)
+
+        def eval_start(self, state: State, logger: Logger) -> None:
+            self._eval_start = time.perf_counter()
+
+        def eval_end(self, state: State, logger: Logger) -> None:
+            metrics = {name: m.compute() for name, m in state.eval_metrics["eval"].items()}
+            step = int(state.timestamp.batch)
+            self.log.eval_row(step, step // len(self.loader), metrics,
+                              time.perf_counter() - self._eval_start)
+
+    return RunRecorder
+
+
+def run_composer(cfg: TrainConfig, data: DataBundle, task: TaskModule, *, stop_after_batches: int | None = None) -> dict[str, Any] | None:
+    """Train ``task`` on ``data`` with Composer; returns the summary (None off rank 0)."""
+    require("composer", "composer")
+    from composer import Evaluator, Trainer
+    from composer.core import DataSpec
+    from composer.utils import dist
+
+    from ..algorithms import CoapAlgorithm
+
+    model = _model_class()(task)
+    optimizer = build_optimizer(cfg, model.task.net)
+    steps = total_steps(cfg, len(data.train))
+    scheduler = lr_scheduler(cfg, optimizer, steps)
+    folder = Path(cfg.output_dir or ".") / cfg.checkpoint.folder
+    latest = folder / "latest-rank0.pt"
+    resuming = cfg.checkpoint.resume and latest.exists()
+    if not resuming and latest.is_symlink() and dist.get_global_rank() == 0:
+        latest.unlink()  # a fresh run: a later `resume` must not pick up an older run's pointer
+    log = RunLog(cfg, rank=dist.get_global_rank(), resuming=resuming)
+    recorder = _callback_class()(log, data.train, stop_after_batches)
+    accelerator = cfg.accelerator if cfg.accelerator != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
+    trainer = Trainer(
+        model=model,
+        train_dataloader=DataSpec(data.train, split_batch=_no_split),
+        eval_dataloader=Evaluator(
+            label="eval", dataloader=DataSpec(data.eval, split_batch=_no_split), metric_names=list(model.metrics.keys())
+        ),
+        eval_interval=cfg.eval_interval,
+        max_duration=cfg.max_duration,
+        optimizers=optimizer,
+        schedulers=scheduler,
+        step_schedulers_every_batch=True,
+        algorithms=[CoapAlgorithm(**coap_kwargs(cfg.coap))] if cfg.coap is not None else [],
+        callbacks=[recorder],
+        precision=_PRECISION[cfg.precision],
+        device=accelerator,
+        seed=cfg.seed,
+        run_name=cfg.name,
+        save_folder=str(folder),
+        save_interval=cfg.checkpoint.interval or cfg.max_duration,
+        save_filename="ep{epoch}-ba{batch}-rank{rank}.pt",
+        save_overwrite=True,
+        autoresume=resuming,
+        progress_bar=cfg.progress_bar,
+        log_to_console=False,
+    )
+    if resuming:
+        log.truncate(int(trainer.state.timestamp.batch))
+    trainer.fit()
+    state = trainer.state
+    final = int(state.timestamp.batch)
+    if log.last_eval_step != final:
+        trainer.eval()
+    grid = None
+    if task.task == "ddpm" and cfg.task.num_samples > 0 and dist.get_global_rank() == 0:
+        grid = "samples.png"
+        task.sample_grid(str(Path(cfg.output_dir or ".") / grid), cfg.task.num_samples, cfg.seed)
+    summary = log.finish(
+        optimizer=state.optimizers[0],
+        params=count_params(task.net),
+        steps=final,
+        steps_this_run=final - (recorder.first_step or 0),
+        samples_per_step=cfg.data.batch_size * dist.get_world_size(),
+        world_size=dist.get_world_size(),
+        device=state.device._device if hasattr(state.device, "_device") else None,
+        sample_grid=grid,
+    )
+    trainer.close()
+    return summary

@@ -1,0 +1,165 @@
+"""What a ``coap-train`` run writes into ``output_dir`` (framework-free; the runners feed it).
+
+- ``config.yaml``: the resolved recipe;
+- ``metrics.jsonl``: one JSON object per line, ``{"split": "train", "step", "epoch", "loss",
+  "lr", "time"}`` every ``log_interval`` optimizer steps and ``{"split": "eval", "step",
+  "epoch", "time", <metrics>}`` after each evaluation (``epoch``: epochs completed);
+  ``time`` is seconds since this process started training.  A resumed run drops the rows past
+  its checkpoint and appends;
+- ``summary.json``: final metrics, optimizer-state bytes against the full-rank equivalent,
+  throughput, wall time, peak memory (read by :mod:`coap_plugins.train.report`);
+- ``report.md`` and ``curves.png`` (and ``samples.png`` for DDPM).
+
+Only global rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import TrainConfig, to_yaml
+
+__all__ = ["RunLog", "optimizer_state_bytes", "peak_memory_bytes"]
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> tuple[int, int]:
+    """``(bytes of the optimizer's state tensors, full-rank AdamW-style equivalent)``.
+
+    COAP optimizers count their own state (projectors, projected or quantized moments) and the
+    full-rank equivalent (two fp32 moments per element); for other optimizers the state tensors
+    are summed and the equivalent is the same two-moment count, so every run is measured against
+    the same yardstick.
+    """
+    from ..optim import CoapOptimizer
+
+    if isinstance(optimizer, CoapOptimizer):
+        return optimizer.state_bytes(), optimizer.full_rank_state_bytes()
+    used = sum(
+        v.numel() * v.element_size()
+        for state in optimizer.state.values()
+        for v in state.values()
+        if torch.is_tensor(v)
+    )
+    full = sum(8 * p.numel() for g in optimizer.param_groups for p in g["params"])
+    return used, full
+
+
+def peak_memory_bytes(device: torch.device | None = None) -> int:
+    """Peak memory of this process: CUDA allocator peak on a GPU, else the peak resident set."""
+    if device is not None and device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def _clean(value: Any) -> Any:
+    if torch.is_tensor(value):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return value  # json writes NaN / Infinity, which json.loads reads back
+    return value
+
+
+class RunLog:
+    """Writes the run folder; every method is a no-op on ranks other than 0."""
+
+    def __init__(self, cfg: TrainConfig, rank: int = 0, *, resuming: bool = False) -> None:
+        self.cfg = cfg
+        self.active = rank == 0
+        self.dir = Path(cfg.output_dir or ".")
+        self.start = time.perf_counter()
+        self.eval_seconds = 0.0
+        self.last_eval: dict[str, float] = {}
+        self.last_eval_step = -1
+        if not self.active:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "config.yaml").write_text(to_yaml(cfg))
+        self.metrics_path = self.dir / "metrics.jsonl"
+        if not resuming:  # a resumed run calls truncate(step) once the checkpoint is loaded
+            self.truncate(None)
+
+    def truncate(self, resumed_step: int | None) -> None:
+        """Start ``metrics.jsonl`` afresh, or keep only rows up to ``resumed_step``."""
+        if not self.active:
+            return
+        rows: list[str] = []
+        if resumed_step is not None and self.metrics_path.is_file():
+            for line in self.metrics_path.read_text().splitlines():
+                if line.strip() and json.loads(line).get("step", 0) <= resumed_step:
+                    rows.append(line)
+        self.metrics_path.write_text("".join(r + "\n" for r in rows))
+
+    def _write(self, row: dict[str, Any]) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def train_row(self, step: int, epoch: int, loss: float, lr: float) -> None:
+        if self.active and step % self.cfg.log_interval == 0:
+            self._write({"split": "train", "step": step, "epoch": epoch, "loss": loss, "lr": lr, "time": self.elapsed()})
+
+    def eval_row(self, step: int, epoch: int, metrics: dict[str, float], seconds: float) -> None:
+        self.eval_seconds += seconds
+        self.last_eval = {k: float(_clean(v)) for k, v in metrics.items()}
+        self.last_eval_step = step
+        if self.active:
+            self._write({"split": "eval", "step": step, "epoch": epoch, "time": self.elapsed(), **self.last_eval})
+
+    def finish(
+        self,
+        *,
+        optimizer: torch.optim.Optimizer,
+        params: int,
+        steps: int,
+        steps_this_run: int,
+        samples_per_step: int,
+        world_size: int,
+        device: torch.device | None,
+        sample_grid: str | None = None,
+    ) -> dict[str, Any] | None:
+        """Write ``summary.json`` and ``report.md``; returns the summary (None off rank 0)."""
+        if not self.active:
+            return None
+        wall = self.elapsed()
+        train_seconds = max(wall - self.eval_seconds, 1e-9)
+        state, full = optimizer_state_bytes(optimizer)
+        task = self.cfg.task.name
+        summary = {
+            "name": self.cfg.name,
+            "trainer": self.cfg.trainer,
+            "task": task,
+            "model": self.cfg.model.name,
+            "optimizer": type(optimizer).__name__,
+            "coap": self.cfg.coap is not None,
+            "metric": "accuracy" if task == "classification" else "heldout_loss",
+            "metric_goal": "max" if task == "classification" else "min",
+            "final": self.last_eval,
+            "final_step": self.last_eval_step,
+            "state_bytes": state,
+            "full_rank_state_bytes": full,
+            "params": params,
+            "steps": steps,
+            "samples_per_second": steps_this_run * samples_per_step / train_seconds,
+            "wall_seconds": wall,
+            "peak_memory_bytes": peak_memory_bytes(device),
+            "world_size": world_size,
+            "precision": self.cfg.precision,
+            "sample_grid": sample_grid,
+            "config": "config.yaml",
+        }
+        (self.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        from .report import write_report
+
+        write_report(self.dir)
+        return summary
