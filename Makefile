@@ -24,8 +24,11 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m coap_plugins.demo
 
+# the whole evidence suite (about 2 hours on 2 CPU cores); docs/RESULTS.md quotes its output
 bench: $(STAMP)
-	$(PY) benchmarks/optimizer_step.py
+	$(PY) benchmarks/optimizer_step.py --out docs/results/optimizer_step.md
+	$(PY) benchmarks/quality.py --out docs/results/quality
+	$(PY) benchmarks/overhead.py --out docs/results
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

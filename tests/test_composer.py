@@ -441,6 +441,7 @@ def test_adam_and_adafactor_translate(digits):
     fac = timm_optim.Adafactor(model.parameters(), lr=1e-2, betas=(0.8, 0.999), eps_scale=2e-3, weight_decay=0.01)
     g = make_trainer(digits, model=model, optimizer=fac).state.optimizers[0].param_groups[0]
     assert (g["lr"], g["beta1"], g["eps"], g["relative_step"], g["weight_decay"]) == (1e-2, 0.8, (1e-30, 2e-3), False, 0.01)
+    assert g["scale_parameter"] is False  # timm scales by the parameter's RMS only with relative_step
     assert not {"betas", "eps_scale", "min_dim_size_to_factor", "caution"} & g.keys()
     model = make_model()
     with pytest.raises(ValueError, match="Cannot translate Adafactor with caution=True"):

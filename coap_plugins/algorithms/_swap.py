@@ -222,8 +222,10 @@ def _adafactor_group(group: dict[str, Any], source_is_torch: bool) -> dict[str, 
         raise ValueError("Cannot translate Adafactor with caution=True: CoapAdafactor has no cautious update (set caution=False)")
     out = {k: v for k, v in group.items() if k not in _IMPL_KEYS + ("maximize", "caution")}
     if "eps_scale" in out:
-        # timm.optim.Adafactor: eps and eps_scale where transformers has eps=(eps1, eps2)
+        # timm.optim.Adafactor: eps and eps_scale where transformers has eps=(eps1, eps2); its
+        # parameter scaling only acts with relative_step (an explicit lr is applied as is)
         out["eps"] = (out.pop("eps"), out.pop("eps_scale"))
+        out["scale_parameter"] = bool(out.get("scale_parameter", True) and out.get("relative_step"))
         out.pop("min_dim_size_to_factor", None)  # COAP factors every projected moment
     elif source_is_torch:
         # torch.optim.Adafactor: (lr, beta2_decay, eps=(eps1, eps2), d, weight_decay), no first moment

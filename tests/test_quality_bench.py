@@ -1,0 +1,67 @@
+"""benchmarks/quality.py and benchmarks/overhead.py run end to end in their --quick mode.
+
+Only files, table shapes, finite metrics and byte counts are asserted, never timings (the
+machine is shared).
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["AdamW", "Adafactor", "CoapAdamW", "CoapAdafactor", "CoapAdamW8bit", "GaLoreAdamW", "AdamW8bit"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def run_script(name: str, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / name), "--quick", "--out", str(out)],
+        capture_output=True, text=True, timeout=900, cwd=ROOT,
+    )
+
+
+def table_methods(text: str, heading: str) -> list[str]:
+    """First-column names of the table under ``## heading`` (header and rule left out)."""
+    section = text.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    return [row.split("|")[1].strip() for row in rows]
+
+
+@pytest.mark.slow
+def test_quality_quick_writes_tables_json_and_plots(tmp_path):
+    proc = run_script("quality.py", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = (tmp_path / "quality.md").read_text()
+    assert text == proc.stdout
+    for task in ("resnet", "unet"):
+        assert table_methods(text, task) == METHODS
+        assert (tmp_path / f"quality_{task}.png").read_bytes()[:8] == PNG
+    assert (tmp_path / "memory.png").read_bytes()[:8] == PNG
+
+    data = json.loads((tmp_path / "quality.json").read_text())
+    results = data["results"]
+    assert sorted((r["task"], r["method"], r["seed"]) for r in results) == sorted(
+        (task, method, 0) for task in ("resnet", "unet") for method in METHODS)
+    for r in results:
+        assert r["final"] and all(math.isfinite(v) for v in r["final"].values()), r
+        assert r["state_bytes"] > 0 and r["peak_rss_bytes"] > 0
+    by = {(r["task"], r["method"]): r for r in results}
+    adamw, coap = by["resnet", "AdamW"], by["resnet", "CoapAdamW"]
+    # torch AdamW: two fp32 moments per element, plus a 4-byte step tensor per parameter tensor
+    assert 0 <= adamw["state_bytes"] - adamw["adamw_bytes"] <= 4 * 200
+    assert coap["state_bytes"] < 0.4 * adamw["state_bytes"]
+
+
+@pytest.mark.slow
+def test_overhead_quick_prints_both_recipes(tmp_path):
+    proc = run_script("overhead.py", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = (tmp_path / "overhead.md").read_text()
+    assert text == proc.stdout
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert [row.split("|")[1].strip() for row in rows] == [
+        "`yamls/composer/resnet18_digits_adamw.yaml`", "`yamls/composer/resnet18_digits.yaml`"]
