@@ -183,7 +183,10 @@ def test_data_errors_are_clear(tmp_path):
 @pytest.mark.parametrize("trainer", ["composer", "lightning"])
 def test_two_process_ddp_from_yaml(tmp_path, trainer, data_cache):
     out = tmp_path / "run"
-    env = {**os.environ, "COAP_DATA_CACHE": str(data_cache), "OMP_NUM_THREADS": "1"}
+    # a clean launch environment: earlier in-process runs may have left rank variables behind
+    stale = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in stale}
+    env.update(COAP_DATA_CACHE=str(data_cache), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "coap_plugins.train.cli", str(YAMLS / trainer / "resnet18_digits.yaml"),
            *QUICK, "max_duration=4ba", "eval_interval=4ba", "devices=2", f"output_dir={out}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)

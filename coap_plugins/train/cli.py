@@ -89,7 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         print(f"coap-train: error: {exc}", file=sys.stderr)
         return 2
-    if cfg.trainer == "composer" and cfg.devices > 1 and "LOCAL_WORLD_SIZE" not in os.environ:
+    # under Composer's launcher WORLD_SIZE is set to the process count; anything else is ours to start
+    if cfg.trainer == "composer" and cfg.devices > 1 and int(os.environ.get("WORLD_SIZE", "1")) != cfg.devices:
         return _relaunch_under_composer(cfg, args)
     try:
         summary = run(cfg)
