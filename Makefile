@@ -24,7 +24,8 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m coap_plugins.demo
 
-# the whole evidence suite (about 2 hours on 2 CPU cores); docs/RESULTS.md quotes its output
+# the whole evidence suite (3 seeds, full sweep, one run at a time: about 4 hours on 2 CPU cores);
+# docs/RESULTS.md quotes a shorter run of it
 bench: $(STAMP)
 	$(PY) benchmarks/optimizer_step.py --out docs/results/optimizer_step.md
 	$(PY) benchmarks/quality.py --out docs/results/quality
