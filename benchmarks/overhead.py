@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from optimizer_step import cpu_model  # noqa: E402  (benchmarks/, run as scripts)
+
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = {"AdamW": "yamls/composer/resnet18_digits_adamw.yaml", "CoapAdamW": "yamls/composer/resnet18_digits.yaml"}
 QUICK_BATCHES, QUICK_REPEATS = 3, 1
@@ -87,14 +89,6 @@ def table(runs: dict[str, list[dict]]) -> list[str]:
                  str(len(rs))]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 def at_least(low: int):

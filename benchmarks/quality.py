@@ -74,7 +74,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import resource
 import shlex
 import statistics
@@ -87,6 +86,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+
+from optimizer_step import cpu_model  # noqa: E402  (benchmarks/, run as scripts)
 import torch.nn.functional as F
 
 METHODS = ["AdamW", "Adafactor", "CoapAdamW", "CoapAdafactor", "CoapAdamW8bit", "GaLoreAdamW", "AdamW8bit"]
@@ -486,14 +487,6 @@ def sweep_table(rows: list[dict[str, Any]]) -> list[str]:
                  f"{x['median_step_ms']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def environment(args: argparse.Namespace) -> dict[str, Any]:
