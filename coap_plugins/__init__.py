@@ -4,8 +4,6 @@ Only torch is needed to import this package; the framework adapters and the trai
 import their frameworks lazily.
 """
 
-import sys
-
 from .optim import (
     CoapAdafactor,
     CoapAdafactor8bit,
@@ -16,6 +14,7 @@ from .optim import (
     get_optimizer_class,
     register_timm,
 )
+from .optim.registry import install_timm_hook
 from .policy import CoapPolicy, LayerRoute
 from .projection import MatrixProjector, Tucker2Projector, build_projector
 from .schedule import ProjectionSchedule
@@ -39,7 +38,7 @@ __all__ = [
     "register_timm",
 ]
 
-# timm users get the four names in timm's optimizer factory without an extra call; importing
-# timm here would cost every user its import time, so only when it is already loaded.
-if "timm.optim" in sys.modules:
-    register_timm()
+# timm users get the four names in timm's optimizer factory without an extra call, whatever the
+# import order; importing timm here would cost every user its import time, so if timm.optim is
+# not loaded yet the registration runs when it is.
+install_timm_hook()

@@ -195,7 +195,7 @@ BAD_ARGS = [
     (CoapAdamW, {"weight_decay": -0.1}, r"Invalid weight_decay value: -0.1"),
     (CoapAdamW, {"rank": 0}, r"Invalid rank: 0 \(must be an integer >= 1, or None\)"),
     (CoapAdamW, {"rank": 2.5}, r"Invalid rank: 2.5"),
-    (CoapAdamW, {"rank_ratio_matrix": 0.5}, r"Invalid rank_ratio_matrix: 0.5 \(must be a number >= 1, or None\)"),
+    (CoapAdamW, {"rank_ratio_matrix": 0.5}, r"Invalid rank_ratio_matrix: 0.5 \(must be a finite number >= 1, or None\)"),
     (CoapAdamW, {"rank_ratio_conv": 0}, r"Invalid rank_ratio_conv: 0"),
     (CoapAdamW, {"update_interval": 0}, r"Invalid update_interval: 0 \(must be an integer >= 1\)"),
     (CoapAdamW, {"reproject_factor": 0}, r"Invalid reproject_factor: 0 \(must be an integer >= 1\)"),

@@ -243,3 +243,94 @@ def test_low_cost_svd_rank_deficient_gradient_still_gives_orthonormal_p():
     # the rank-3 row space is inside the new subspace
     assert float((h - h @ p @ p.T).norm() / h.norm()) < 1e-5
     assert sv.shape == (8,) and float(sv[3:].max()) < 1e-4 * float(sv[0])
+
+
+# -- the low-cost SVD on steep spectra from an unaligned start ------------------------------------
+def _steep(m, n, spread, seed, r=64):
+    """G = U diag(s) V^T: s log-spaced from 1 to ``spread`` over the first r values, a tail below."""
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(m, min(m, n), generator=g, dtype=f64))
+    v, _ = torch.linalg.qr(torch.randn(n, min(m, n), generator=g, dtype=f64))
+    s = torch.full((min(m, n),), min(1e-5, spread / 10), dtype=f64)
+    s[:r] = torch.logspace(0, math.log10(spread), r, dtype=f64)
+    return ((u * s) @ v.T).float()
+
+
+def _column_angles_deg(p, q):
+    cos = ((p.double() * q.double()).sum(0).abs() / (p.double().norm(dim=0) * q.double().norm(dim=0))).clamp(max=1)
+    return torch.rad2deg(torch.acos(cos))
+
+
+def _textbook(h, a, rank):
+    q, _ = torch.linalg.qr(a.double())
+    _, _, zh = torch.linalg.svd(q.T @ h.double(), full_matrices=False)
+    return zh[:rank].T
+
+
+@pytest.mark.parametrize("spread", [1e-2, 1e-3, 1e-4, 1e-5])
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("shape", [(512, 256), (256, 512)])
+def test_low_cost_svd_keeps_every_column_on_steep_spectra_from_a_random_start(spread, seed, shape):
+    g = _steep(*shape, spread, seed)
+    h = g if shape[0] >= shape[1] else g.T  # the tall orientation a MatrixProjector works on
+    p0 = random_orthonormal(h.shape[1], 64, 100 + seed)
+    a = h @ p0
+    new, _ = low_cost_svd(h, a, 64)
+    assert float(_column_angles_deg(new, _textbook(h, a, 64)).max()) < 1.0
+    # and the result goes through a projector's SVD refresh the same way
+    proj = MatrixProjector(shape, 64)
+    state = {"proj": p0}
+    out, _ = proj.refresh(state, g, proj.project(state, g)[0], None, "svd", torch.zeros(max(shape), 64))
+    assert float(_column_angles_deg(out["proj"], _textbook(h, a, 64)).max()) < 1.0
+
+
+@pytest.mark.parametrize("spread", [1e-3, 1e-5])
+def test_tucker2_svd_refresh_keeps_every_column_on_steep_spectra(spread):
+    # output unfolding G_(1) (256 x 576) with a steep spectrum; both modes against the textbook form
+    g1 = _steep(256, 64 * 9, spread, 3)
+    grad = g1.reshape(256, 64, 3, 3)
+    proj = Tucker2Projector(grad.shape, 64, 16)
+    state = {"proj_out": random_orthonormal(256, 64, 5), "proj_in": random_orthonormal(64, 16, 6)}
+    core, ctx = proj.project(state, grad)
+    new, _ = proj.refresh(state, grad, core, ctx, "svd", torch.zeros(proj.moment_shape))
+    h_out = proj._out_unfolding(grad).T
+    h_in = proj._in_unfolding_t(grad)
+    assert float(_column_angles_deg(new["proj_out"], _textbook(h_out, h_out @ state["proj_out"], 64)).max()) < 1.0
+    assert float(_column_angles_deg(new["proj_in"], _textbook(h_in, h_in @ state["proj_in"], 16)).max()) < 1.0
+
+
+def test_low_cost_svd_keeps_its_fast_path_when_the_start_is_aligned():
+    # the usual refresh: P from the previous recalibration is already close; no fallback needed
+    h = _steep(512, 256, 1e-4, 0)
+    p_prev = _textbook(h, h @ random_orthonormal(256, 64, 1), 64).float()
+    a = h @ p_prev
+    calls = []
+    import coap_plugins.projection.linalg as linalg
+
+    real = linalg._low_cost_svd_householder
+    linalg._low_cost_svd_householder = lambda *args: calls.append(1) or real(*args)
+    try:
+        new, _ = low_cost_svd(h, a, 64)
+    finally:
+        linalg._low_cost_svd_householder = real
+    assert calls == []
+    assert float(_column_angles_deg(new, _textbook(h, a, 64)).max()) < 1.0
+
+
+# -- a single projected mode takes the whole ratio ----------------------------------------------
+@pytest.mark.parametrize("ratio", [4, 16])
+def test_1x1_conv_takes_the_whole_rank_ratio(ratio):
+    proj, reason = build_projector((256, 1024, 1, 1), rank_ratio_conv=ratio)
+    assert (proj.rank_out, proj.rank_in) == (256 // ratio, None)
+    assert math.prod(proj.moment_shape) * ratio == 256 * 1024  # moments are 1/ratio of the full size
+    assert "output mode only" in reason
+    # both modes projected: sqrt(ratio) each, the same 1/ratio overall
+    proj, _ = build_projector((256, 256, 3, 3), rank_ratio_conv=ratio)
+    assert (proj.rank_out, proj.rank_in) == (256 // int(math.sqrt(ratio)),) * 2
+
+
+def test_1x1_conv_that_saves_nothing_stays_full_rank():
+    # 128 x 64 1x1 at ratio 1.5: r_O = 85 capped at I = 64; P_O (128 x 64) + two 64 x 64 moments
+    # hold as many floats as two full 128 x 64 moments
+    proj, reason = build_projector((128, 64, 1, 1), rank_ratio_conv=1.5, min_conv_numel=0)
+    assert proj is None and "would hold" in reason

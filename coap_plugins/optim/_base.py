@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 from typing import Any, Callable, Literal
 
 import torch
@@ -38,9 +39,22 @@ COAP_GROUP_KEYS = ("projection", "rank", "rank_ratio_matrix", "rank_ratio_conv",
 _PROJECTOR_KEYS = ("proj", "proj_out", "proj_in")
 
 
-def _param_seed(base: int, index: int) -> int:
-    """Distinct, reproducible seed per parameter (its position in the optimizer)."""
-    return (base * 1_000_003 + index * 7_919 + 17) % (2**31 - 1)
+def param_seed(base: int, shape: tuple[int, ...], name: str | None, index: int) -> int:
+    """Seed of a parameter's random start, from what belongs to the parameter itself.
+
+    Its name when known (``(name, tensor)`` params), else its index within its own param group,
+    together with its shape and the base seed: so the same parameter follows the same
+    trajectory alone in an optimizer or after other groups, and every process computes the same
+    seed (a CRC, not Python's per-process salted ``hash``).
+    """
+    who = f"name={name}" if name else f"index={index}"
+    key = f"{base}|{who}|{'x'.join(map(str, shape))}"
+    return zlib.crc32(key.encode()) % (2**31 - 1)
+
+
+# A projection holding at most this fraction of the gradient's energy holds only rounding (fp32
+# products leave ~1e-14 of it in a subspace the gradient is orthogonal to).
+_EMPTY_PROJECTION = 1e-10
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -52,14 +66,24 @@ def _all_finite(t: torch.Tensor) -> bool:
 class CoapOptimizer(Optimizer):
     """Base class of the COAP optimizers (not used directly)."""
 
-    # how moments are kept: fp32 here, blockwise 8-bit in the 8-bit forms
-    _storage: MomentStorage = MomentStorage()
+    # how moments are kept: fp32 here, blockwise 8-bit in the 8-bit forms.  A class attribute,
+    # not instance state: torch's Optimizer pickles only defaults, state and param_groups, and a
+    # copy (deepcopy, pickle, torch.save of the whole optimizer) must keep reading its moments
+    # the way they were written.
+    storage_class: type[MomentStorage] = MomentStorage
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+        self._init_runtime()
+        # the group keys this package owns (torch adds its own, e.g. ``differentiable``)
+        self._owned_keys = tuple(defaults)
+        super().__init__(params, defaults)
+
+    def _init_runtime(self) -> None:
+        """Caches that are not state: rebuilt after a copy or an unpickle."""
+        self._storage = self.storage_class()
         self._projectors: dict[torch.Tensor, tuple[tuple, Projector | None, str]] = {}
         self._telemetry: dict[torch.Tensor, dict[str, Any]] = {}
         self.last_refresh_seconds = 0.0
-        super().__init__(params, defaults)
 
     # -- groups and validation ---------------------------------------------------------------
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -104,16 +128,21 @@ class CoapOptimizer(Optimizer):
             self.param_groups.pop()
             raise
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_owned_keys"] = self._owned_keys
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
+        if "_storage" not in self.__dict__:  # a copy or an unpickle, not load_state_dict
+            self._init_runtime()
         super().__setstate__(state)
-        self.__dict__.setdefault("_projectors", {})
-        self.__dict__.setdefault("_telemetry", {})
-        self.__dict__.setdefault("last_refresh_seconds", 0.0)
-        for group in self.param_groups:
+        if "_owned_keys" not in self.__dict__:  # pickled by an older version
+            self._owned_keys = tuple(k for k in self.defaults if k != "differentiable")
+        for group in self.param_groups:  # groups pickled or saved by an older version
+            for key in self._owned_keys:
+                group.setdefault(key, self.defaults[key])
             group.setdefault("pending_refresh", "none")
-            group.setdefault("schedule", "optimizer")
-            group.setdefault("restore_state", False)
-            group.setdefault("seed", 0)
 
     # -- routing -----------------------------------------------------------------------------
     def _route(self, p: torch.Tensor, group: dict[str, Any], index: int) -> tuple[Projector | None, str]:
@@ -142,12 +171,6 @@ class CoapOptimizer(Optimizer):
             cached = (key, proj, reason)
             self._projectors[p] = cached
         return cached[1], cached[2]
-
-    def _seed_index(self, p: torch.Tensor) -> int:
-        for i, q in enumerate(q for g in self.param_groups for q in g["params"]):
-            if q is p:
-                return i
-        raise KeyError("parameter is not in this optimizer")
 
     def routing(self) -> list[dict[str, Any]]:
         """One row per parameter: group, index, name (when known), shape, projector and reason."""
@@ -206,7 +229,7 @@ class CoapOptimizer(Optimizer):
                 if proj is None:
                     self._full_rank_step(p, g32, state, group)
                 else:
-                    self._projected_step(p, g32, state, group, proj, schedule)
+                    self._projected_step(p, g32, state, group, proj, schedule, i)
             group["pending_refresh"] = "none"
         return loss
 
@@ -218,6 +241,7 @@ class CoapOptimizer(Optimizer):
         group: dict[str, Any],
         proj: Projector,
         schedule: ProjectionSchedule | None,
+        index: int,
     ) -> None:
         tel = self._telemetry.setdefault(p, {})
         if not state:
@@ -226,7 +250,9 @@ class CoapOptimizer(Optimizer):
                 # Nothing to learn from yet (e.g. a block behind a zero-initialised norm): only decay.
                 self._decay_only(p, group)
                 return
-            proj.setup(state, g, _param_seed(group["seed"], self._seed_index(p)))
+            names = group.get("param_names")
+            seed = param_seed(group["seed"], tuple(p.shape), names[index] if names else None, index)
+            proj.setup(state, g, seed)
             self._init_moments(state, proj.moment_shape, p, group)
             state["step"] = 0
             refresh = "none"
@@ -239,20 +265,27 @@ class CoapOptimizer(Optimizer):
         new = None
         if refresh != "none":
             start = time.perf_counter()
-            # A non-finite gradient shows in the projection; such a step never reaches P.
-            if _all_finite(core):
+            # A non-finite gradient shows in the projection, and so does one with nothing in the
+            # subspace (an all-zero gradient, or one orthogonal to P up to rounding): neither may
+            # reach P (an SVD of nothing would replace P by arbitrary unit vectors).
+            energy = core.square().sum()
+            total = torch.linalg.vector_norm(g).square()
+            skipped = None
+            if not bool(torch.isfinite(energy) & (energy > _EMPTY_PROJECTION * total)):
+                skipped = "non-finite" if not bool(torch.isfinite(energy)) else "zero projected gradient"
+            if skipped is None:
                 new, cos = proj.refresh(state, g, core, ctx, refresh, self._direction_moment(state, core))
                 if all(_all_finite(t) for t in new.values()):
                     # energy of G outside the subspace in use (exact for an orthonormal projector)
-                    captured = core.square().sum() / torch.linalg.vector_norm(g).square().clamp_min(1e-30)
+                    captured = energy / total.clamp_min(1e-30)
                     tel.update(refresh=refresh, step=state["step"], recon_error=(1 - captured).clamp_min(0).sqrt())
                     tel.pop("cos", None)
                     if cos is not None:
                         tel["cos"] = cos
                 else:
-                    new = None
+                    new, skipped = None, "non-finite"
             if new is None:
-                tel.update(refresh="skipped (non-finite)", step=state["step"])
+                tel.update(refresh=f"skipped ({skipped})", step=state["step"])
             self.last_refresh_seconds += time.perf_counter() - start
         self._update_projected(p, core, state, group, proj)
         if new is not None:
@@ -339,11 +372,7 @@ class CoapOptimizer(Optimizer):
                     diffs = [f"{k}: saved {got[k]}, expected {expected[k]}" for k in expected if k in got and got[k] != expected[k]]
                     parts = diffs + ([f"missing {missing}"] if missing else []) + ([f"unexpected {extra}"] if extra else [])
                     raise ValueError(f"Cannot load optimizer state for {where}: " + "; ".join(parts))
-        super().load_state_dict(state_dict)
-        for group in self.param_groups:  # a state saved by an older version may lack newer keys
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
-            group.setdefault("pending_refresh", "none")
+        super().load_state_dict(state_dict)  # its __setstate__ fills in keys an older state lacks
         for pid, st in saved_state.items():
             p = id_map.get(pid)
             if p is None:

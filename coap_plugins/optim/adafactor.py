@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from .._checks import check_lr, check_nonnegative, conv_ratio_alias
 from ..projection import DEFAULT_MIN_CONV_NUMEL, Projector
 from ._base import CoapOptimizer
 from .adamw import ParamsT
@@ -69,7 +70,8 @@ class CoapAdafactor(CoapOptimizer):
 
     Args:
         params: parameters, ``(name, parameter)`` pairs or param-group dicts.
-        lr: external learning rate, or ``None`` for Adafactor's relative step (default None).
+        lr: external learning rate (a float or a 1-element tensor), or ``None`` for Adafactor's
+            relative step (default None).
         eps: ``(eps1, eps2)``: regularizer of the squared gradient and floor of the parameter
             scale (default (1e-30, 1e-3)).
         clip_threshold: threshold of the update's RMS (default 1.0).
@@ -81,7 +83,7 @@ class CoapAdafactor(CoapOptimizer):
         relative_step: time-dependent step size; defaults to ``lr is None``.
         warmup_init: warm the relative step up from 0 (default False; needs ``relative_step``).
         rank, rank_ratio_matrix, rank_ratio_conv, update_interval, reproject_factor,
-        restore_state, min_conv_numel, seed: as :class:`~coap_plugins.CoapAdamW`.  With
+        restore_state, min_conv_numel, seed, rank_ratio_cnn: as :class:`~coap_plugins.CoapAdamW`.  With
             ``restore_state`` the first moment is carried into the new basis; the factored
             second moment (row and column means) is kept as it is.
 
@@ -111,7 +113,9 @@ class CoapAdafactor(CoapOptimizer):
         restore_state: bool = False,
         min_conv_numel: int = DEFAULT_MIN_CONV_NUMEL,
         seed: int = 0,
+        rank_ratio_cnn: float | None = None,
     ) -> None:
+        rank_ratio_conv = conv_ratio_alias(rank_ratio_conv, rank_ratio_cnn)
         if relative_step is None:
             relative_step = lr is None
         defaults = dict(
@@ -142,23 +146,25 @@ class CoapAdafactor(CoapOptimizer):
         if lr is None and not group["relative_step"]:
             raise ValueError("Invalid learning rate: None needs relative_step=True (or pass a float lr)")
         if lr is not None:
-            if isinstance(lr, torch.Tensor) or not 0.0 <= lr:
-                raise ValueError(f"Invalid learning rate: {lr}")
+            check_lr(lr)
             if group["relative_step"]:
                 raise ValueError(f"Invalid learning rate: {lr} cannot be combined with relative_step=True")
         if group["warmup_init"] and not group["relative_step"]:
             raise ValueError("Invalid warmup_init: True needs relative_step=True")
         eps = group["eps"]
-        if not (isinstance(eps, (tuple, list)) and len(eps) == 2 and all(e >= 0 for e in eps)):
-            raise ValueError(f"Invalid epsilon value: {eps!r} (expected a pair of floats >= 0)")
-        if beta1 is not None and not 0.0 <= beta1 < 1.0:
-            raise ValueError(f"Invalid beta1: {beta1} (must be in [0, 1), or None)")
-        if not -1.0 <= group["decay_rate"] < 0.0:
-            raise ValueError(f"Invalid decay_rate: {group['decay_rate']} (must be in [-1, 0))")
-        if not group["clip_threshold"] > 0.0:
-            raise ValueError(f"Invalid clip_threshold: {group['clip_threshold']} (must be > 0)")
-        if not 0.0 <= group["weight_decay"]:
-            raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
+        if not (isinstance(eps, (tuple, list)) and len(eps) == 2):
+            raise ValueError(f"Invalid epsilon value: {eps!r} (expected a pair of finite floats >= 0)")
+        for e in eps:
+            check_nonnegative("epsilon value", e)
+        if beta1 is not None and not (isinstance(beta1, (int, float)) and 0.0 <= beta1 < 1.0):
+            raise ValueError(f"Invalid beta1: {beta1!r} (must be in [0, 1), or None)")
+        decay = group["decay_rate"]
+        if not (isinstance(decay, (int, float)) and -1.0 <= decay < 0.0):
+            raise ValueError(f"Invalid decay_rate: {decay!r} (must be in [-1, 0))")
+        clip = group["clip_threshold"]
+        if not (isinstance(clip, (int, float)) and 0.0 < clip < math.inf):
+            raise ValueError(f"Invalid clip_threshold: {clip!r} (must be a finite number > 0)")
+        check_nonnegative("weight_decay value", group["weight_decay"])
         super()._validate_group(group)
 
     # -- moments -----------------------------------------------------------------------------
@@ -195,7 +201,9 @@ class CoapAdafactor(CoapOptimizer):
         else:
             lr = group["lr"]
         if group["scale_parameter"]:
-            rms = torch.linalg.vector_norm(p, dtype=torch.float32) / math.sqrt(p.numel())
+            # in fp32 at least (bf16/fp16 weights are upcast in the reduction; float64 stays)
+            acc = torch.promote_types(p.dtype, torch.float32)
+            rms = torch.linalg.vector_norm(p, dtype=acc) / math.sqrt(p.numel())
             return rms.clamp_min_(group["eps"][1]).mul_(lr)
         return lr
 

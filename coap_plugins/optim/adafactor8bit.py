@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from ._storage import Blockwise8bitStorage
 from .adafactor import CoapAdafactor
 
@@ -18,6 +16,5 @@ class CoapAdafactor8bit(CoapAdafactor):
     :class:`~coap_plugins.CoapAdamW8bit`.  Needs ``pip install 'coap-plugins[8bit]'``.
     """
 
-    def __init__(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        self._storage = Blockwise8bitStorage()
-        super().__init__(params, *args, **kwargs)
+    storage_class = Blockwise8bitStorage
+

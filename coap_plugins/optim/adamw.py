@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from .._checks import check_lr, check_nonnegative, conv_ratio_alias
 from ..projection import DEFAULT_MIN_CONV_NUMEL, Projector
 from ._base import CoapOptimizer
 
@@ -20,8 +21,9 @@ def adam_moments(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Te
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
 
 
-def adam_update_scale(lr: float, beta1: float, beta2: float, step: int) -> tuple[float, float]:
-    """``(step_size, sqrt(bias_correction2))`` as torch.optim.AdamW computes them."""
+def adam_update_scale(lr: float | torch.Tensor, beta1: float, beta2: float, step: int) -> tuple[float | torch.Tensor, float]:
+    """``(step_size, sqrt(bias_correction2))`` as torch.optim.AdamW computes them (``step_size``
+    is a 0-d tensor when ``lr`` is one)."""
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
     return lr / bias_correction1, bias_correction2**0.5
@@ -39,14 +41,17 @@ class CoapAdamW(CoapOptimizer):
         params: parameters, ``(name, parameter)`` pairs or param-group dicts.  Groups may set
             ``projection`` to one of ``"auto" | "matrix" | "tucker2" | "none"`` or to a list with
             one kind per parameter.
-        lr: learning rate (default 1e-3).
+        lr: learning rate, a float or a 1-element tensor (as torch.optim.AdamW; a tensor lr is
+            never read back in the step) (default 1e-3).
         betas: coefficients of the running averages (default (0.9, 0.999)).
         eps: term added to the denominator (default 1e-8, as torch).
         weight_decay: decoupled weight decay, applied as torch.optim.AdamW does (default 1e-2).
         rank: rank of matrix projectors when no ratio is given (default None).
         rank_ratio_matrix: matrix rank = min(m, n) // ratio; wins over ``rank`` (default None;
             with neither, ratio 4).
-        rank_ratio_conv: Tucker-2 ranks = O // sqrt(ratio), I // sqrt(ratio) (default None = 4).
+        rank_ratio_conv: Tucker-2 ranks = O // sqrt(ratio), I // sqrt(ratio); O // ratio when only
+            the output mode is projected (1x1 convs) (default None = 4).  ``rank_ratio_cnn`` (the
+            reference code's name) is accepted as an alias.
         update_interval: T_u, steps between projector refreshes (default 32).
         reproject_factor: lambda, every lambda-th refresh is a low-cost SVD (default 5).
         restore_state: carry the moments into the new basis when the projector changes
@@ -75,7 +80,9 @@ class CoapAdamW(CoapOptimizer):
         restore_state: bool = False,
         min_conv_numel: int = DEFAULT_MIN_CONV_NUMEL,
         seed: int = 0,
+        rank_ratio_cnn: float | None = None,
     ) -> None:
+        rank_ratio_conv = conv_ratio_alias(rank_ratio_conv, rank_ratio_cnn)
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -95,20 +102,17 @@ class CoapAdamW(CoapOptimizer):
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        lr, eps, wd, betas = group["lr"], group["eps"], group["weight_decay"], group["betas"]
-        if isinstance(lr, torch.Tensor):
-            raise ValueError("Invalid learning rate: a Tensor lr is not supported, pass a float")
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
+        check_lr(group["lr"])
+        check_nonnegative("epsilon value", group["eps"])
+        betas = group["betas"]
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
             raise ValueError(f"Invalid betas: {betas!r} (expected a pair of floats in [0, 1))")
         for i, b in enumerate(betas):
-            if not 0.0 <= b < 1.0:
-                raise ValueError(f"Invalid beta parameter at index {i}: {b} (must be in [0, 1))")
-        if not 0.0 <= wd:
-            raise ValueError(f"Invalid weight_decay value: {wd}")
+            if isinstance(b, torch.Tensor):
+                raise ValueError(f"Invalid beta parameter at index {i}: a Tensor beta is not supported by {type(self).__name__}, pass a float")
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {b!r} (must be in [0, 1))")
+        check_nonnegative("weight_decay value", group["weight_decay"])
         super()._validate_group(group)
 
     # -- moments -----------------------------------------------------------------------------
@@ -144,7 +148,9 @@ class CoapAdamW(CoapOptimizer):
         adam_moments(exp_avg, exp_avg_sq, g, beta1, beta2)
         step_size, bc2_sqrt = adam_update_scale(lr, beta1, beta2, state["step"])
         denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(group["eps"])
-        if p.dtype == torch.float32:
+        if isinstance(step_size, torch.Tensor):  # a tensor lr: scale on the device, never read it
+            p.add_((exp_avg / denom).mul_(-step_size).to(p.dtype))
+        elif p.dtype == torch.float32:
             p.addcdiv_(exp_avg, denom, value=-step_size)
         else:
             p.add_((exp_avg / denom).to(p.dtype), alpha=-step_size)
@@ -163,4 +169,7 @@ class CoapAdamW(CoapOptimizer):
         update = torch.div(exp_avg, denom, out=denom)
         if wd != 0:
             p.mul_(1 - lr * wd)
-        proj.apply_update(p, update, state, -step_size)
+        if isinstance(step_size, torch.Tensor):  # a tensor lr: scale on the device, never read it
+            proj.apply_update(p, update.mul_(-step_size), state, 1.0)
+        else:
+            proj.apply_update(p, update, state, -step_size)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from ._storage import Blockwise8bitStorage
 from .adamw import CoapAdamW
 
@@ -23,6 +21,5 @@ class CoapAdamW8bit(CoapAdamW):
         >>> opt = CoapAdamW8bit(model.parameters(), lr=1e-3, rank_ratio_conv=4)  # doctest: +SKIP
     """
 
-    def __init__(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        self._storage = Blockwise8bitStorage()
-        super().__init__(params, *args, **kwargs)
+    storage_class = Blockwise8bitStorage
+

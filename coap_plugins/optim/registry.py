@@ -1,12 +1,14 @@
 """Optimizers by name: ``coap_adamw``, ``coap_adamw8bit``, ``coap_adafactor``, ``coap_adafactor8bit``.
 
 Used by the YAML runner, and registered with timm's optimizer factory by :func:`register_timm`
-(called automatically on ``import coap_plugins`` when timm is already imported).
+(which ``import coap_plugins`` runs, at once or when ``timm.optim`` is imported later).
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib.abc
+import sys
 from typing import Any
 
 from ._base import CoapOptimizer
@@ -40,39 +42,107 @@ def create_optimizer(name: str, params: Any, **kwargs: Any) -> CoapOptimizer:
     return get_optimizer_class(name)(params, **kwargs)
 
 
-def register_timm() -> None:
-    """Make ``timm.optim.create_optimizer_v2(model, "coap_adamw8bit", ...)`` build our optimizers.
+# timm's factory parses ``opt`` by its last underscore-separated word, so each optimizer is also
+# registered under a spelling without the underscore, which the front below maps ``coap_`` names to.
+_TIMM_PARSE_NAMES = {name: name.replace("_", "") for name in OPTIMIZERS}
+_NO_BETAS = (CoapAdafactor, CoapAdafactor8bit)
 
-    timm looks optimizers up by the text after the last underscore (``"coap_adamw8bit"`` would
-    silently become bitsandbytes' ``"adamw8bit"``), so the four are registered as ``coapadamw``,
-    ``coapadamw8bit``, ``coapadafactor``, ``coapadafactor8bit``, and timm's registry is given a
-    thin front that maps a ``coap_`` prefix to them.  Every other name goes to timm unchanged.
-    Calling it twice is harmless.
+
+def register_timm() -> None:
+    """Make timm's optimizer factory build our optimizers by their ``coap_`` names.
+
+    After it, ``timm.optim.create_optimizer_v2(model, "coap_adamw8bit", ...)`` (with timm's
+    ``lookahead_`` prefix too), ``timm.optim.get_optimizer_class("coap_adamw")``,
+    ``get_optimizer_info(...)`` and ``list_optimizers()`` know the four names.  timm looks
+    optimizers up by the text after the last underscore (``"coap_adamw8bit"`` would silently
+    become bitsandbytes' ``"adamw8bit"``), so each is also registered as ``coapadamw``, ...,
+    and timm's registry is given a thin front that maps a ``coap_`` name to that spelling; every
+    other name goes to timm unchanged.  ``betas`` given for an optimizer without them
+    (``coap_adafactor`` has ``beta1``) is refused rather than dropped.
+
+    ``import coap_plugins`` calls this when ``timm.optim`` is already imported, and otherwise
+    arranges for it to run as soon as ``timm.optim`` is imported, so the import order does not
+    matter.  Calling it twice is harmless.
     """
     from timm.optim import _optim_factory as factory
 
     registry = factory.default_registry
     for name, cls in OPTIMIZERS.items():
-        adam_like = cls in (CoapAdamW, CoapAdamW8bit)
-        registry.register(
-            factory.OptimInfo(
-                name=name.replace("_", ""),
-                opt_class=cls,
-                description=f"{cls.__name__} from coap-plugins",
-                has_eps=adam_like,
-                has_betas=adam_like,
+        for spelling in (name, _TIMM_PARSE_NAMES[name]):
+            if spelling in registry.list_optimizers() and registry.get_optimizer_info(spelling).opt_class is cls:
+                continue  # registered already
+            registry.register(
+                factory.OptimInfo(
+                    name=spelling,
+                    opt_class=cls,
+                    description=f"{cls.__name__} from coap-plugins",
+                    has_eps=True,  # CoapAdamW: a float, CoapAdafactor: (eps1, eps2)
+                    has_betas=cls not in _NO_BETAS,
+                )
             )
-        )
     if getattr(registry.create_optimizer, "_coap_front", False):
         return
     create = registry.create_optimizer
 
     def create_optimizer_with_coap_names(model_or_params: Any, opt: str = "sgd", *args: Any, **kwargs: Any):
         parts = opt.lower().split("_")
-        if "coap" in parts[:-1] and parts[parts.index("coap") + 1 :][:1]:
+        if "coap" in parts[:-1]:
             i = parts.index("coap")
-            opt = "_".join(parts[:i] + ["coap" + parts[i + 1]] + parts[i + 2 :])
+            name = "_".join(parts[i : i + 2])
+            if name not in OPTIMIZERS or i + 2 != len(parts):
+                raise ValueError(f"Unknown COAP optimizer in {opt!r} (expected one of {', '.join(OPTIMIZERS)}, optionally after 'lookahead_')")
+            if OPTIMIZERS[name] in _NO_BETAS and kwargs.get("betas") is not None:
+                raise ValueError(
+                    f"{name} has no betas (got betas={kwargs['betas']!r}): pass beta1=... for its first moment "
+                    "(None for none); its second moment follows decay_rate"
+                )
+            opt = "_".join(parts[:i] + [_TIMM_PARSE_NAMES[name]])
         return create(model_or_params, opt, *args, **kwargs)
 
     create_optimizer_with_coap_names._coap_front = True  # type: ignore[attr-defined]
     registry.create_optimizer = create_optimizer_with_coap_names
+
+
+class _RegisterWhenImported(importlib.abc.MetaPathFinder):
+    """Runs :func:`register_timm` right after ``timm.optim`` is imported (once), so that
+    ``import coap_plugins`` before or after ``import timm`` gives the same factory."""
+
+    target = "timm.optim"
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != self.target:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        real_exec = loader.exec_module
+
+        def exec_module(module: Any) -> None:
+            real_exec(module)
+            uninstall_timm_hook()
+            register_timm()
+
+        loader.exec_module = exec_module  # this spec's own loader instance
+        return spec
+
+
+_HOOK = _RegisterWhenImported()
+
+
+def install_timm_hook() -> None:
+    """Register with timm now if ``timm.optim`` is loaded, else as soon as it is imported."""
+    if "timm.optim" in sys.modules:
+        register_timm()
+    elif _HOOK not in sys.meta_path:
+        sys.meta_path.insert(0, _HOOK)
+
+
+def uninstall_timm_hook() -> None:
+    if _HOOK in sys.meta_path:
+        sys.meta_path.remove(_HOOK)

@@ -50,8 +50,10 @@ def build_projector(
     * matrix: ``min(m, n) // rank_ratio_matrix`` when a ratio is given (the ratio wins over
       ``rank``), else ``rank``, else ratio 4; at least 1.
     * Tucker-2: ``r_O = O // sqrt(rank_ratio_conv)``, ``r_I = I // sqrt(rank_ratio_conv)`` (ratio
-      4 when unset), at least 1 and capped at what the mode's unfolding can hold; 1x1 convs
-      project the output mode only, and a mode whose rank is not below its size stays unprojected.
+      4 when unset), at least 1 and capped at what the mode's unfolding can hold.  1x1 convs
+      project the output mode only, and an input mode whose rank is not below its size stays
+      unprojected; the single projected mode then takes the whole ratio, ``r_O = O // ratio``
+      (so the moments are 1/ratio of the full size, as the ratio means).
 
     A layer whose rank would not be smaller than the dimension it reduces takes the full-rank
     update, and so does one whose projectors plus two projected moments would hold at least as
@@ -90,11 +92,13 @@ def build_projector(
         raise ValueError(f"Projection kind 'tucker2' needs a 4-D conv weight, got shape {shape}")
     out_ch, in_ch, k1, k2 = shape
     k = k1 * k2
-    root = math.sqrt(rank_ratio_conv if rank_ratio_conv is not None else DEFAULT_RANK_RATIO)
-    r_out = min(max(1, int(out_ch // root)), out_ch, in_ch * k)
+    ratio = rank_ratio_conv if rank_ratio_conv is not None else DEFAULT_RANK_RATIO
+    root = math.sqrt(ratio)
     r_in: int | None = min(max(1, int(in_ch // root)), in_ch, out_ch * k)
     if k == 1 or r_in >= in_ch:
         r_in = None
+    # two projected modes share the ratio (sqrt each); a single projected mode takes all of it
+    r_out = min(max(1, int(out_ch // (root if r_in is not None else ratio))), out_ch, in_ch * k)
     if r_out >= out_ch:
         return None, f"output rank {r_out} is not below O={out_ch}"
     what = f"tucker2, ranks ({r_out}, {r_in if r_in is not None else in_ch}) of ({out_ch}, {in_ch})"
