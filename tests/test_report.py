@@ -243,7 +243,30 @@ def test_write_report_classification(tmp_path: Path) -> None:
     assert "config.yaml" in text
     assert "![training curves](curves.png)" in text
     assert "Samples" not in text
+    assert "Diverged" not in text and "usable gradient" not in text
     assert_png(run / "curves.png")
+
+
+@pytest.mark.parametrize("stopped", [True, False])
+def test_write_report_says_the_run_diverged_and_which_layers_never_set_up(tmp_path: Path, stopped: bool) -> None:
+    run = make_run(tmp_path, "nan")
+    summary = json.loads((run / "summary.json").read_text())
+    summary["diverged"] = {"step": 40, "loss": float("nan"), "stopped": stopped}
+    summary["waiting_layers"] = [f"layer{i}.weight" for i in range(7)]
+    (run / "summary.json").write_text(json.dumps(summary))
+    lines = write_report(run).read_text().splitlines()
+    went = "stopped there (`stop_on_nonfinite: true`)" if stopped else "went on (`stop_on_nonfinite: false`)"
+    first = "" if stopped else "first "
+    assert lines[4] == f"**Diverged**: the training loss was {first}nan at step 40; training {went}."
+    assert lines[6] == ("**7 projected layers never received a usable gradient**: their state is not counted in the "
+                        "optimizer state below (`layer0.weight`, `layer1.weight`, `layer2.weight`, `layer3.weight`, "
+                        "`layer4.weight`, ...).")
+    assert lines[8].startswith("| run |")
+    summary["diverged"], summary["waiting_layers"] = None, ["head.weight"]
+    (run / "summary.json").write_text(json.dumps(summary))
+    lines = write_report(run).read_text().splitlines()
+    assert lines[4] == ("**1 projected layer never received a usable gradient**: its state is not counted in the "
+                        "optimizer state below (`head.weight`).")
 
 
 def test_write_report_ddpm_embeds_sample_grid(tmp_path: Path) -> None:

@@ -95,7 +95,7 @@ def test_wrong_types_name_the_key(tmp_path):
         ("trainer=compser", r"Invalid trainer: 'compser' \(expected one of composer, lightning\); did you mean 'composer'\?"),
         ("max_duration=10", r"Invalid max_duration: '10' \(expected a positive number of batches or epochs"),
         ("data.batch_size=0", r"Invalid data.batch_size: 0 \(must be >= 1\)"),
-        ("coap.rank_ratio_conv=0.5", r"Invalid coap.rank_ratio_conv: 0.5 \(must be a number >= 1, or None\)"),
+        ("coap.rank_ratio_conv=0.5", r"Invalid coap.rank_ratio_conv: 0.5 \(must be a finite number >= 1, or None\)"),
         ("optimizer.betas=[0.9]", r"Invalid optimizer.betas: \[0.9\] \(expected two numbers in \[0, 1\)\)"),
         ("task.name=ddpm", r"Invalid model.name / task.name: 'resnet18' with 'ddpm'"),
         ("data.name=cifar10", r"Missing data.path for data.name 'cifar10'"),
@@ -129,3 +129,43 @@ def test_cli_reports_config_errors_before_anything_runs(tmp_path, capsys):
     assert "coap-train: error: Recipe not found" in capsys.readouterr().err
     assert main([]) == 2
     assert "usage: coap-train CONFIG.yaml" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "override, key, shown",
+    [
+        ("optimizer.lr=nan", "optimizer.lr", "nan"),
+        ("optimizer.weight_decay=inf", "optimizer.weight_decay", "inf"),
+        ("optimizer.eps=-inf", "optimizer.eps", "-inf"),
+        ("optimizer.betas=[0.9,nan]", "optimizer.betas", "[0.9, nan]"),
+        ("schedule.min_lr_ratio=nan", "schedule.min_lr_ratio", "nan"),
+        ("task.label_smoothing=inf", "task.label_smoothing", "inf"),
+        ("task.beta_end=nan", "task.beta_end", "nan"),
+        ("coap.rank_ratio_matrix=inf", "coap.rank_ratio_matrix", "inf"),
+        ("coap.rank_ratio_conv=nan", "coap.rank_ratio_conv", "nan"),
+        ("coap.rank_ratio_cnn=inf", "coap.rank_ratio_cnn", "inf"),
+        ("model.kwargs={drop_rate: .nan}", "model.kwargs.drop_rate", "nan"),
+    ],
+)
+def test_nonfinite_floats_are_refused_before_anything_runs(tmp_path, capsys, override, key, shown):
+    path = _write(tmp_path, "coap: {}\n")
+    assert main([str(path), override]) == 2
+    err = capsys.readouterr().err
+    plural = "finite numbers" if shown.startswith("[") else "a finite number"
+    assert err == f"coap-train: error: Invalid {key}: {shown} (must be {plural})\n"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_rank_ratio_cnn_is_an_alias_of_rank_ratio_conv(tmp_path):
+    cfg = load_config(_write(tmp_path, "coap: {rank_ratio_cnn: 4}\n"))
+    assert cfg.coap.rank_ratio_conv == 4.0 and cfg.coap.rank_ratio_cnn is None
+    same = load_config(_write(tmp_path, "coap: {rank_ratio_cnn: 2, rank_ratio_conv: 2}\n", "same.yaml"))
+    assert same.coap == load_config(_write(tmp_path, "coap: {rank_ratio_conv: 2}\n", "conv.yaml")).coap
+    with pytest.raises(ConfigError, match=r"^Invalid coap.rank_ratio_cnn: 2.0 with coap.rank_ratio_conv: 4.0 "
+                                          r"\(rank_ratio_cnn is an alias of rank_ratio_conv: give one of them\)$"):
+        load_config(_write(tmp_path, "coap: {rank_ratio_cnn: 2, rank_ratio_conv: 4}\n", "both.yaml"))
+    with pytest.raises(ConfigError, match=r"^Invalid coap.rank_ratio_cnn: 0.5 \(must be a (finite )?number >= 1, or None\)$"):
+        load_config(tmp_path / "recipe.yaml", ["coap.rank_ratio_cnn=0.5"])
+    from coap_plugins.train.common import coap_kwargs
+
+    assert coap_kwargs(cfg.coap)["rank_ratio_conv"] == 4.0 and "rank_ratio_cnn" not in coap_kwargs(cfg.coap)

@@ -11,7 +11,8 @@ Nothing heavy is imported here; import the submodules you need:
   (optimizer, LR shape, models, the classification and DDPM objectives).
 - :mod:`coap_plugins.train.data`: write webdataset shards (digits, ImageFolder, CIFAR-10) and
   read them back; the ``coap-data`` console script.
-- :mod:`coap_plugins.train.loader`: find or write the shards; resumable per-epoch loaders.
+- :mod:`coap_plugins.train.loader`: find, write and check the shards; resumable per-epoch loaders.
+- :mod:`coap_plugins.train.checkpoints`: which checkpoint a resumed run loads (the newest that reads).
 - :mod:`coap_plugins.train.outputs`, :mod:`coap_plugins.train.report`: the run folder
   (metrics, summary, report, plots) and the ``coap-report`` console script.
 - :mod:`coap_plugins.train.unet`: a compact UNet and a :class:`~coap_plugins.train.unet.DDPM`

@@ -4,6 +4,10 @@ The recipe is validated (:func:`~coap_plugins.train.config.load_config`) before 
 imported.  ``devices: N`` (N > 1) runs DDP through each framework's own launcher: Composer's
 ``composer -n N`` (this command re-launches itself under it) or Lightning's DDP strategy
 (which starts the other processes itself); gloo on CPU, NCCL on GPUs.
+
+Exit status: 0 trained; 2 the recipe is invalid; 1 the run failed: unreadable shards (checked
+before a model is built), no readable checkpoint to resume from, or a training loss that is not
+finite (``stop_on_nonfinite``; the run folder still gets its report).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .common import TrainingDiverged
 from .config import ConfigError, TrainConfig, load_config
 
 __all__ = ["main", "run"]
@@ -70,9 +75,14 @@ def _relaunch_under_composer(cfg: TrainConfig, argv: Sequence[str]) -> int:
 def _print_summary(summary: dict[str, Any], output_dir: str) -> None:
     final = ", ".join(f"{k} {v:.4g}" for k, v in summary["final"].items())
     ratio = summary["state_bytes"] / max(1, summary["full_rank_state_bytes"])
+    waiting = len(summary.get("waiting_layers") or [])
+    uncounted = f", not counting {waiting} projected layer(s) that never received a usable gradient" if waiting else ""
+    diverged = summary.get("diverged")
+    if diverged:
+        final = f"diverged (training loss {diverged['loss']} at step {diverged['step']}); {final}"
     print(
         f"{summary['name']}: {final}; optimizer state {summary['state_bytes']:,} bytes "
-        f"({100 * ratio:.1f} % of full rank); {summary['samples_per_second']:.1f} samples/s; "
+        f"({100 * ratio:.1f} % of full rank{uncounted}); {summary['samples_per_second']:.1f} samples/s; "
         f"{summary['wall_seconds']:.1f} s\nreport: {os.path.join(output_dir, 'report.md')}"
     )
 
@@ -94,6 +104,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _relaunch_under_composer(cfg, args)
     try:
         summary = run(cfg)
+    except TrainingDiverged as exc:
+        # every rank stops together: say it once
+        if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
+            report = os.path.join(cfg.output_dir or ".", "report.md")
+            print(f"coap-train: error: {exc}; report: {report}", file=sys.stderr)
+        return 1
     except (OSError, ValueError) as exc:
         print(f"coap-train: error: {exc}", file=sys.stderr)
         return 1

@@ -12,7 +12,7 @@ from torch import nn
 from .config import CoapConfig, TrainConfig, duration_parts
 from .tasks import build_param_groups
 
-__all__ = ["LrShape", "RunInterrupted", "build_optimizer", "coap_kwargs", "require", "total_steps"]
+__all__ = ["LrShape", "RunInterrupted", "TrainingDiverged", "build_optimizer", "coap_kwargs", "require", "total_steps"]
 
 
 def require(module: str, extra: str) -> Any:
@@ -27,6 +27,23 @@ def require(module: str, extra: str) -> Any:
 
 class RunInterrupted(RuntimeError):
     """Raised by ``stop_after_batches``: the run stops as if killed, its checkpoints kept."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss of step ``step`` is NaN or infinite and ``stop_on_nonfinite`` is set.
+
+    Raised from each framework's batch-end callback (before that step's checkpoint is written);
+    the runners write the run folder, saying the run diverged, and raise it again.
+    """
+
+    def __init__(self, step: int, loss: float) -> None:
+        self.step, self.loss = step, loss
+        where = (f"the training loss is {loss}" if not math.isfinite(loss)
+                 else "the training loss of another rank is not finite")
+        super().__init__(
+            f"Training diverged at step {step}: {where} (stopped by stop_on_nonfinite=true; lower optimizer.lr, "
+            "check the data for NaN or infinite values, or set stop_on_nonfinite=false to train on)"
+        )
 
 
 class LrShape:
@@ -81,6 +98,7 @@ def coap_kwargs(coap: CoapConfig) -> dict[str, Any]:
     """Keyword arguments of ``CoapAlgorithm`` / ``CoapCallback`` from the ``coap`` section."""
     kwargs = asdict(coap)
     kwargs["exclude"] = tuple(kwargs["exclude"])
+    kwargs.pop("rank_ratio_cnn")  # an alias, resolved into rank_ratio_conv by load_config
     return kwargs
 
 

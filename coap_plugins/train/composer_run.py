@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .common import RunInterrupted, require, build_optimizer, coap_kwargs, count_params, lr_scheduler, total_steps
+from .checkpoints import resume_checkpoint
+from .common import (RunInterrupted, TrainingDiverged, build_optimizer, coap_kwargs, count_params, lr_scheduler, require,
+                     total_steps)
 from .config import TrainConfig
 from .loader import DataBundle, ShardLoader
 from .outputs import RunLog
@@ -61,10 +65,12 @@ def _callback_class() -> type:
     from composer.loggers import Logger
 
     class RunRecorder(Callback):
-        """Feeds :class:`RunLog`, keeps the loader's epoch in step, stops on ``stop_after_batches``."""
+        """Feeds :class:`RunLog`, keeps the loader's epoch in step, stops on ``stop_after_batches``
+        and (``stop_on_nonfinite``) on a non-finite training loss."""
 
-        def __init__(self, log: RunLog, loader: ShardLoader, stop_after: int | None) -> None:
+        def __init__(self, log: RunLog, loader: ShardLoader, stop_after: int | None, stop_on_nonfinite: bool) -> None:
             self.log, self.loader, self.stop_after = log, loader, stop_after
+            self.stop_on_nonfinite = stop_on_nonfinite
             self._eval_start = 0.0
             self.first_step: int | None = None
 
@@ -83,7 +89,22 @@ def _callback_class() -> type:
             loss = state.loss.detach().float().mean().item() if torch.is_tensor(state.loss) else float("nan")
             lr = state.optimizers[0].param_groups[0]["lr"]
             # at BATCH_END the timestamp already counts this batch
-            self.log.train_row(int(state.timestamp.batch), int(state.timestamp.epoch), loss, lr)
+            step = int(state.timestamp.batch)
+            self.log.train_row(step, int(state.timestamp.epoch), loss, lr)
+            # raised before this batch's checkpoint (BATCH_CHECKPOINT comes after BATCH_END)
+            if self.stop_on_nonfinite and self._any_rank(not math.isfinite(loss), state):
+                raise TrainingDiverged(step, loss)
+
+        @staticmethod
+        def _any_rank(flag: bool, state: State) -> bool:
+            from composer.utils import dist
+
+            if dist.get_world_size() == 1:
+                return flag
+            # every rank stops together (one rank raising alone would leave the others in all-reduce)
+            t = state.device.tensor_to_device(torch.tensor([int(flag)], dtype=torch.uint8))
+            dist.all_reduce(t, reduce_operation="MAX")
+            return bool(t.item())
 
         def eval_start(self, state: State, logger: Logger) -> None:
             self._eval_start = time.perf_counter()
@@ -112,11 +133,16 @@ def run_composer(cfg: TrainConfig, data: DataBundle, task: TaskModule, *, stop_a
     scheduler = lr_scheduler(cfg, optimizer, steps)
     folder = Path(cfg.output_dir or ".") / cfg.checkpoint.folder
     latest = folder / "latest-rank0.pt"
-    resuming = cfg.checkpoint.resume and latest.exists()
+    pointed = folder / os.readlink(latest) if latest.is_symlink() else None
+    start = None
+    if cfg.checkpoint.resume:
+        start = resume_checkpoint(folder, pointed, folder.glob("ep*-ba*-rank0.pt"),
+                                  announce=dist.get_global_rank() == 0)
+    resuming = start is not None
     if not resuming and latest.is_symlink() and dist.get_global_rank() == 0:
         latest.unlink()  # a fresh run: a later `resume` must not pick up an older run's pointer
     log = RunLog(cfg, rank=dist.get_global_rank(), resuming=resuming)
-    recorder = _callback_class()(log, data.train, stop_after_batches)
+    recorder = _callback_class()(log, data.train, stop_after_batches, cfg.stop_on_nonfinite)
     accelerator = cfg.accelerator if cfg.accelerator != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
     trainer = Trainer(
         model=model,
@@ -139,19 +165,27 @@ def run_composer(cfg: TrainConfig, data: DataBundle, task: TaskModule, *, stop_a
         save_interval=cfg.checkpoint.interval or cfg.max_duration,
         save_filename="ep{epoch}-ba{batch}-rank{rank}.pt",
         save_overwrite=True,
-        autoresume=resuming,
+        # Composer's own autoresume follows the `latest` pointer; an older checkpoint (the newest
+        # one unreadable) is loaded the way Composer documents for manual resumption
+        autoresume=resuming and start == pointed,
+        load_path=str(start) if resuming and start != pointed else None,
         progress_bar=cfg.progress_bar,
         log_to_console=False,
     )
     if resuming:
         log.truncate(int(trainer.state.timestamp.batch))
-    trainer.fit()
+    diverged = None
+    try:
+        trainer.fit()
+    except TrainingDiverged as exc:
+        diverged = exc  # the run folder is written below, then the error goes on
+        log.stopped_diverged(exc.step, exc.loss)
     state = trainer.state
     final = int(state.timestamp.batch)
-    if log.last_eval_step != final:
+    if log.last_eval_step != final and diverged is None:
         trainer.eval()
     grid = None
-    if task.task == "ddpm" and cfg.task.num_samples > 0 and dist.get_global_rank() == 0:
+    if task.task == "ddpm" and cfg.task.num_samples > 0 and dist.get_global_rank() == 0 and diverged is None:
         grid = "samples.png"
         task.sample_grid(str(Path(cfg.output_dir or ".") / grid), cfg.task.num_samples, cfg.seed)
     summary = log.finish(
@@ -165,4 +199,6 @@ def run_composer(cfg: TrainConfig, data: DataBundle, task: TaskModule, *, stop_a
         sample_grid=grid,
     )
     trainer.close()
+    if diverged is not None:
+        raise diverged
     return summary

@@ -7,7 +7,8 @@ from the command line, and validates in three passes, each with an error that na
 1. unknown keys (in the file or an override) are refused with the valid keys of that section
    and the closest match;
 2. types are checked by OmegaConf against the dataclass annotations (``data.batch_size=abc``);
-3. values are checked here (choices, ranges, durations), before any model or data is built.
+3. values are checked here (every float finite, then choices, ranges, durations), before any
+   model or data is built.
 
 OmegaConf (the ``vision`` extra) is imported only by :func:`load_config`.
 """
@@ -15,6 +16,7 @@ OmegaConf (the ``vision`` extra) is imported only by :func:`load_config`.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
@@ -132,7 +134,9 @@ class OptimizerConfig:
 class CoapConfig:
     """``coap``: settings of :class:`~coap_plugins.algorithms.CoapAlgorithm` / ``CoapCallback``.
 
-    Absent (null) trains with the plain optimizer, for baselines.
+    Absent (null) trains with the plain optimizer, for baselines.  ``rank_ratio_cnn`` (the
+    reference implementation's name) is an alias of ``rank_ratio_conv``; give one of them, or
+    both with the same value.
     """
 
     optimizer: str = "auto"
@@ -140,6 +144,7 @@ class CoapConfig:
     rank: Optional[int] = None
     rank_ratio_matrix: Optional[float] = None
     rank_ratio_conv: Optional[float] = None
+    rank_ratio_cnn: Optional[float] = None
     min_conv_numel: int = 9216
     exclude: list[str] = field(default_factory=list)
     update_interval: int = 32
@@ -175,7 +180,12 @@ class CheckpointConfig:
 
 @dataclass
 class TrainConfig:
-    """A whole ``coap-train`` recipe."""
+    """A whole ``coap-train`` recipe.
+
+    ``stop_on_nonfinite`` (default true): stop at the first step whose training loss is NaN or
+    infinite, with an error naming the step and a non-zero exit; the run folder still gets its
+    metrics, summary and a report saying the run diverged.  False trains on and only reports it.
+    """
 
     trainer: str = "composer"
     name: Optional[str] = None
@@ -194,6 +204,7 @@ class TrainConfig:
     accelerator: str = "auto"
     threads: Optional[int] = None
     progress_bar: bool = True
+    stop_on_nonfinite: bool = True
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output_dir: Optional[str] = None
 
@@ -209,6 +220,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "accelerator": ("auto", "cpu", "gpu"),
 }
 _DURATION = re.compile(r"^\s*(\d+)\s*(ba|ep)\s*$")
+# accepted keys left out of the "did you mean" hints (they would shadow the names they stand for)
+_ALIASES = ("rank_ratio_cnn",)
 
 
 def duration_parts(key: str, value: Any) -> tuple[int, str]:
@@ -243,7 +256,8 @@ def _check_keys(raw: Any, cls: type, prefix: str, origin: str) -> None:
     for key, value in raw.items():
         full = f"{prefix}{key}"
         if key not in valid:
-            close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+            names = [v for v in valid if v not in _ALIASES]
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
             section = f"'{prefix.rstrip('.')}'" if prefix else "the top level"
             raise ConfigError(
@@ -270,7 +284,26 @@ def _get(cfg: Any, key: str) -> Any:
     return cfg
 
 
+def _check_finite(value: Any, key: str) -> None:
+    """Every float of the recipe is finite: NaN and inf pass range checks (``inf >= 0``), then
+    fail (or train to a NaN loss) far into the run."""
+    if is_dataclass(value):
+        for f in fields(value):
+            _check_finite(getattr(value, f.name), f"{key}.{f.name}" if key else f.name)
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            _check_finite(item, f"{key}.{name}")
+    elif isinstance(value, (list, tuple)):
+        if any(isinstance(v, float) and not math.isfinite(v) for v in value):
+            raise ConfigError(f"Invalid {key}: {list(value)!r} (must be finite numbers)")
+        for item in value:
+            _check_finite(item, key)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"Invalid {key}: {value!r} (must be a finite number)")
+
+
 def _validate(cfg: TrainConfig) -> None:
+    _check_finite(cfg, "")
     for key, allowed in _CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:
@@ -336,8 +369,18 @@ def _validate(cfg: TrainConfig) -> None:
 
 
 def _validate_coap(coap: CoapConfig) -> None:
+    """Check the section with the adapters' own validation; resolve ``rank_ratio_cnn`` into
+    ``rank_ratio_conv``."""
     from ..algorithms._swap import CoapSettings
 
+    alias = coap.rank_ratio_cnn is not None
+    if alias:
+        if coap.rank_ratio_conv is not None and coap.rank_ratio_conv != coap.rank_ratio_cnn:
+            raise ConfigError(
+                f"Invalid coap.rank_ratio_cnn: {coap.rank_ratio_cnn!r} with coap.rank_ratio_conv: {coap.rank_ratio_conv!r} "
+                "(rank_ratio_cnn is an alias of rank_ratio_conv: give one of them)"
+            )
+        coap.rank_ratio_conv, coap.rank_ratio_cnn = coap.rank_ratio_cnn, None
     try:
         CoapSettings(
             optimizer=coap.optimizer, eight_bit=coap.eight_bit, rank=coap.rank,
@@ -349,7 +392,10 @@ def _validate_coap(coap: CoapConfig) -> None:
     except ValueError as exc:
         message = str(exc)
         m = re.match(r"Invalid (\w+): (.*)", message)
-        raise ConfigError(f"Invalid coap.{m.group(1)}: {m.group(2)}" if m else f"Invalid coap section: {message}") from None
+        if m is None:
+            raise ConfigError(f"Invalid coap section: {message}") from None
+        key = "rank_ratio_cnn" if alias and m.group(1) == "rank_ratio_conv" else m.group(1)
+        raise ConfigError(f"Invalid coap.{key}: {m.group(2)}") from None
 
 
 # ---------------------------------------------------------------------------------------------

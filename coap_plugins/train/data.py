@@ -33,6 +33,7 @@ import os
 import pickle
 import re
 import sys
+import tarfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -42,6 +43,7 @@ import torch
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "check_shards",
     "main",
     "read_meta",
     "shard_dataset",
@@ -171,6 +173,101 @@ def read_meta(shard_dir: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"No meta.json in {shard_dir} (expected a folder written by coap-data)")
     return json.loads(path.read_text())
+
+
+# webdataset's grouping: a sample's key is the member name up to the first dot of its file name
+_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+def _shard_error(path: Path, problem: str) -> ValueError:
+    return ValueError(
+        f"Shard {path} {problem}; write the shards again (coap-data; digits shards are rewritten on first use "
+        "once their folder is removed)"
+    )
+
+
+def _shard_keys(path: Path) -> list[str]:
+    """The sample keys of one shard in order, from its tar headers alone (no sample data is read)."""
+    keys: list[str] = []
+    parts: list[set[str]] = []
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                m = _MEMBER.match(member.name)
+                if not member.isfile() or m is None:
+                    continue
+                if not keys or keys[-1] != m.group(1):
+                    keys.append(m.group(1))
+                    parts.append(set())
+                parts[-1].add(m.group(2))
+            end = tar.offset
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise _shard_error(path, f"cannot be read ({exc}): it is truncated or corrupt") from None
+    # tarfile ends quietly at a damaged header after the first, or at the end of a file cut between
+    # two members: the end-of-archive zero blocks, and only they, must follow the last member
+    with path.open("rb") as f:
+        f.seek(end)
+        rest = f.read()
+    if not rest:
+        raise _shard_error(path, f"ends at byte {end} without the end-of-archive blocks: it is truncated")
+    if rest.strip(b"\0"):
+        raise _shard_error(path, f"has an unreadable tar header at byte {end}: it is corrupt")
+    for key, exts in zip(keys, parts):
+        if not {"image.npy", "cls"} <= exts:
+            raise _shard_error(path, f"holds a sample {key!r} with {sorted(exts)}, expected image.npy and cls")
+    return keys
+
+
+def _shard_to_blame(shards: list[tuple[Path, list[int]]]) -> Path:
+    """The shard of a split whose total disagrees with meta.json.  Writers number samples
+    consecutively across shards, so the first break in the numbering points at it (a shard that
+    lost its tail leaves a gap before the next one); the last shard when nothing breaks."""
+    expected = 0
+    for i, (path, indices) in enumerate(shards):
+        start = indices[0] if indices else expected
+        if start > expected and i > 0:
+            return shards[i - 1][0]
+        if start != expected or indices != list(range(start, start + len(indices))):
+            return path
+        expected = start + len(indices)
+    return shards[-1][0]
+
+
+def check_shards(shard_dir: str | os.PathLike[str], meta: dict[str, Any] | None = None) -> None:
+    """Check a shard folder before training: every tar readable, every split as long as ``meta.json`` says.
+
+    Reads the tar headers only (a seek per member), so it is cheap next to an epoch; a truncated
+    or corrupt shard, or one whose samples disagree with the index, would otherwise stop
+    training mid-epoch with a webdataset traceback.  Sample data are not decoded.
+
+    Args:
+        shard_dir: a folder written by this module.
+        meta: its ``meta.json`` when already read (default None: read here).
+
+    Raises:
+        ValueError: the message names the shard file.
+    """
+    folder = Path(shard_dir)
+    meta = read_meta(folder) if meta is None else meta
+    index = folder / "meta.json"
+    for split in _SPLITS:
+        missing = [name for name in meta.get("shards", {}).get(split, []) if not (folder / name).is_file()]
+        if missing:
+            raise _shard_error(folder / missing[0], f"is listed in {index} but missing")
+        shards = []
+        for path in sorted(folder.glob(f"{split}-*.tar")):  # the files the reader opens
+            keys = _shard_keys(path)
+            indices = [_key_index({"__key__": key, "__url__": str(path)}) for key in keys]
+            shards.append((path, indices))
+        total, expected = sum(len(i) for _, i in shards), meta.get("counts", {}).get(split)
+        if shards and expected is not None and total != expected:
+            path = _shard_to_blame(shards)
+            held = next(i for p, i in shards if p == path)
+            numbered = f", numbered {held[0]} to {held[-1]}" if held else ""
+            raise _shard_error(
+                path, f"disagrees with the index {index}: the {split} shards hold {total} samples, the index counts "
+                f"{expected} (this shard holds {len(held)}{numbered})"
+            )
 
 
 def write_digits_shards(

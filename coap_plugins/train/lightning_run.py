@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import warnings
@@ -10,7 +11,9 @@ from typing import Any
 
 import torch
 
-from .common import RunInterrupted, require, build_optimizer, coap_kwargs, count_params, lr_scheduler, total_steps
+from .checkpoints import resume_checkpoint
+from .common import (RunInterrupted, TrainingDiverged, build_optimizer, coap_kwargs, count_params, lr_scheduler, require,
+                     total_steps)
 from .config import TrainConfig, duration_parts
 from .loader import DataBundle, ShardLoader
 from .outputs import RunLog
@@ -71,7 +74,8 @@ def _recorder_class() -> type:
     pl = require("lightning.pytorch", "lightning")
 
     class RunRecorder(pl.Callback):
-        """Feeds :class:`RunLog`; keeps the loader's epoch and mid-epoch position in checkpoints."""
+        """Feeds :class:`RunLog`; keeps the loader's epoch and mid-epoch position in checkpoints;
+        stops (``stop_on_nonfinite``) on a non-finite training loss."""
 
         def __init__(self, cfg: TrainConfig, loader: ShardLoader, stop_after: int | None, resume: bool) -> None:
             self.cfg, self.loader, self.stop_after, self.resume = cfg, loader, stop_after, resume
@@ -123,6 +127,10 @@ def _recorder_class() -> type:
             lr = trainer.optimizers[0].param_groups[0]["lr"]
             assert self.run_log is not None
             self.run_log.train_row(trainer.global_step, trainer.current_epoch, loss, lr)
+            # raised before ModelCheckpoint (always the last callback) saves this step; every rank
+            # decides together, as EarlyStopping(check_finite=True) does
+            if self.cfg.stop_on_nonfinite and trainer.strategy.reduce_boolean_decision(not math.isfinite(loss), all=False):
+                raise TrainingDiverged(trainer.global_step, loss)
 
     return RunRecorder
 
@@ -154,7 +162,11 @@ def run_lightning(cfg: TrainConfig, data: DataBundle, task: TaskModule, *, stop_
     module = _module_class()(cfg, task, data)
     folder = Path(cfg.output_dir or ".") / cfg.checkpoint.folder
     last = folder / "last.ckpt"
-    resume = cfg.checkpoint.resume and last.is_file()
+    start = None
+    if cfg.checkpoint.resume:
+        start = resume_checkpoint(folder, last if last.is_file() else None, folder.glob("ep*-ba*.ckpt"),
+                                  announce=int(os.environ.get("LOCAL_RANK", 0)) == 0)
+    resume = start is not None
     if not resume and last.is_file() and int(os.environ.get("LOCAL_RANK", 0)) == 0:
         last.unlink()  # a fresh run: a later `resume` must not pick up an older run's pointer
     recorder = _recorder_class()(cfg, data.train, stop_after_batches, resume)
@@ -180,16 +192,22 @@ def run_lightning(cfg: TrainConfig, data: DataBundle, task: TaskModule, *, stop_
     with warnings.catch_warnings():
         # the RunRecorder callback restores the loader's mid-epoch position; Lightning cannot see it
         warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended")
-        trainer.fit(module, ckpt_path=str(last) if resume else None)
+        try:
+            trainer.fit(module, ckpt_path=str(start) if resume else None)
+        except TrainingDiverged as exc:
+            diverged = exc  # the run folder is written below, then the error goes on
+            recorder.run_log.stopped_diverged(exc.step, exc.loss)
+        else:
+            diverged = None
     final = trainer.global_step
     log = recorder.run_log
-    if log.last_eval_step != final:
+    if log.last_eval_step != final and diverged is None:
         trainer.validate(module, verbose=False)
     grid = None
-    if task.task == "ddpm" and cfg.task.num_samples > 0 and trainer.global_rank == 0:
+    if task.task == "ddpm" and cfg.task.num_samples > 0 and trainer.global_rank == 0 and diverged is None:
         grid = "samples.png"
         task.sample_grid(str(Path(cfg.output_dir or ".") / grid), cfg.task.num_samples, cfg.seed)
-    return log.finish(
+    summary = log.finish(
         optimizer=trainer.optimizers[0],
         params=count_params(task.net),
         steps=final,
@@ -199,3 +217,6 @@ def run_lightning(cfg: TrainConfig, data: DataBundle, task: TaskModule, *, stop_
         device=module.device,
         sample_grid=grid,
     )
+    if diverged is not None:
+        raise diverged
+    return summary

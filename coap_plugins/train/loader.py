@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .config import DataConfig
-from .data import _rank_world, read_meta, shard_dataset, write_cifar10_shards, write_digits_shards
+from .data import _rank_world, check_shards, read_meta, shard_dataset, write_cifar10_shards, write_digits_shards
 
 __all__ = ["DataBundle", "ShardLoader", "cache_dir", "prepare_data", "prepare_shards"]
 
@@ -214,9 +214,14 @@ class DataBundle:
 
 
 def prepare_data(cfg: DataConfig, seed: int) -> DataBundle:
-    """Shards for ``cfg`` (written on first use for digits) and their train and eval loaders."""
+    """Shards for ``cfg`` (written on first use for digits), checked, and their train and eval loaders.
+
+    Raises:
+        ValueError: a shard is unreadable or disagrees with ``meta.json`` (the message names it).
+    """
     source = prepare_shards(cfg)
     meta = read_meta(source)
+    check_shards(source, meta)
     counts, shards = meta["counts"], meta["shards"]
     for split in ("train", "val"):
         if not counts.get(split):

@@ -7,7 +7,9 @@
   ``time`` is seconds since this process started training.  A resumed run drops the rows past
   its checkpoint and appends;
 - ``summary.json``: final metrics, optimizer-state bytes against the full-rank equivalent,
-  throughput, wall time, peak memory (read by :mod:`coap_plugins.train.report`);
+  throughput, wall time, peak memory, ``diverged`` (the first step whose training loss was not
+  finite, or null) and ``waiting_layers`` (COAP-projected parameters that never received a
+  usable gradient, so hold no state yet) (read by :mod:`coap_plugins.train.report`);
 - ``report.md`` and ``curves.png`` (and ``samples.png`` for DDPM).
 
 Only global rank 0 writes.
@@ -79,6 +81,8 @@ class RunLog:
         self.eval_seconds = 0.0
         self.last_eval: dict[str, float] = {}
         self.last_eval_step = -1
+        # the first non-finite training loss: {"step", "loss", "stopped"}
+        self.diverged: dict[str, Any] | None = None
         if not self.active:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -106,8 +110,16 @@ class RunLog:
         return time.perf_counter() - self.start
 
     def train_row(self, step: int, epoch: int, loss: float, lr: float) -> None:
-        if self.active and step % self.cfg.log_interval == 0:
+        first_bad = self.diverged is None and not math.isfinite(loss)
+        if first_bad:
+            self.diverged = {"step": step, "loss": loss, "stopped": self.cfg.stop_on_nonfinite}
+        if self.active and (step % self.cfg.log_interval == 0 or first_bad):
             self._write({"split": "train", "step": step, "epoch": epoch, "loss": loss, "lr": lr, "time": self.elapsed()})
+
+    def stopped_diverged(self, step: int, loss: float) -> None:
+        """Training stopped at ``step`` because a loss (this rank's or another's) was not finite."""
+        if self.diverged is None:
+            self.diverged = {"step": step, "loss": loss, "stopped": True}
 
     def eval_row(self, step: int, epoch: int, metrics: dict[str, float], seconds: float) -> None:
         self.eval_seconds += seconds
@@ -134,6 +146,7 @@ class RunLog:
         wall = self.elapsed()
         train_seconds = max(wall - self.eval_seconds, 1e-9)
         state, full = optimizer_state_bytes(optimizer)
+        waiting = optimizer.waiting_parameters() if hasattr(optimizer, "waiting_parameters") else []
         task = self.cfg.task.name
         summary = {
             "name": self.cfg.name,
@@ -148,6 +161,8 @@ class RunLog:
             "final_step": self.last_eval_step,
             "state_bytes": state,
             "full_rank_state_bytes": full,
+            "waiting_layers": waiting,
+            "diverged": self.diverged,
             "params": params,
             "steps": steps,
             "samples_per_second": steps_this_run * samples_per_step / train_seconds,

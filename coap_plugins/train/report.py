@@ -451,11 +451,34 @@ def _describe(run: Run) -> str:
     return ", ".join(parts)
 
 
+def _warnings(run: Run) -> list[str]:
+    """Lines for what makes the numbers untrustworthy: a diverged run, layers that never set up."""
+    s = run.summary
+    lines = []
+    diverged = s.get("diverged")
+    if isinstance(diverged, dict):
+        loss, step = format_metric("loss", diverged.get("loss")), diverged.get("step", MISSING)
+        if diverged.get("stopped"):
+            lines.append(f"**Diverged**: the training loss was {loss} at step {step}; training stopped there "
+                         "(`stop_on_nonfinite: true`).")
+        else:
+            lines.append(f"**Diverged**: the training loss was first {loss} at step {step}; training went on "
+                         "(`stop_on_nonfinite: false`).")
+    waiting = s.get("waiting_layers") or []
+    if waiting:
+        n = len(waiting)
+        names = ", ".join(f"`{w}`" for w in waiting[:5]) + (", ..." if n > 5 else "")
+        lines.append(f"**{n} projected layer{'s' if n > 1 else ''} never received a usable gradient**: "
+                     f"{'their' if n > 1 else 'its'} state is not counted in the optimizer state below ({names}).")
+    return lines
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write ``RUN/report.md`` and ``RUN/curves.png`` for one run folder.
 
-    The report holds a title with the run name, a line describing the run, the one-row
-    :func:`summary_table`, links to the config file and the curves, and the sample grid image
+    The report holds a title with the run name, a line describing the run, a warning when the
+    run diverged (``diverged`` in the summary) or COAP layers never set up (``waiting_layers``),
+    the one-row :func:`summary_table`, links to the config file and the curves, and the sample grid image
     when the summary names one (``sample_grid``).
 
     Args:
@@ -476,6 +499,7 @@ def write_report(run_dir: str | Path) -> Path:
         "",
         _describe(run),
         "",
+        *(line for warning in _warnings(run) for line in (warning, "")),
         summary_table([run]).rstrip("\n"),
         "",
         f"- config: [{config}]({config})",
