@@ -13,7 +13,7 @@ from torch import nn
 pytest.importorskip("composer")
 pytest.importorskip("sklearn")
 
-from composer import Callback, Trainer  # noqa: E402
+from composer import Algorithm, Callback, Event, Trainer  # noqa: E402
 from composer.callbacks import OptimizerMonitor  # noqa: E402
 from composer.loggers import InMemoryLogger  # noqa: E402
 from composer.models import ComposerClassifier, ComposerModel  # noqa: E402
@@ -178,6 +178,15 @@ def test_fsdp_is_refused(digits):
         (dict(reproject_factor=-1), r"Invalid reproject_factor"),
         (dict(on_foreign_checkpoint="maybe"), r"Invalid on_foreign_checkpoint"),
         (dict(policy=object()), r"Invalid policy"),
+        (dict(lr=math.nan), r"^Invalid lr: nan \(must be a finite number >= 0\)$"),
+        (dict(lr=math.inf), r"^Invalid lr: inf \(must be a finite number >= 0\)$"),
+        (dict(weight_decay=math.inf), r"^Invalid weight_decay: inf \(must be a finite number >= 0\)$"),
+        (dict(weight_decay=-0.1), r"^Invalid weight_decay: -0.1 "),
+        (dict(eps=math.nan), r"^Invalid eps: nan \(must be a finite number >= 0\)$"),
+        (dict(betas=(0.9, math.nan)), r"^Invalid betas: \(0.9, nan\) \(must be a pair of finite numbers in \[0, 1\)\)$"),
+        (dict(betas=(1.0, 0.999)), r"^Invalid betas: \(1.0, 0.999\)"),
+        (dict(betas=0.9), r"^Invalid betas: 0.9 "),
+        (dict(rank_ratio_cnn=0.5), r"^Invalid rank_ratio_cnn: 0.5"),
     ],
 )
 def test_bad_settings(kwargs, match):
@@ -190,6 +199,25 @@ def test_policy_conflicts_with_rank_arguments():
 
     with pytest.raises(ValueError, match="Conflicting settings.*rank_ratio_conv"):
         CoapAlgorithm(policy=CoapPolicy(), rank_ratio_conv=4)
+    with pytest.raises(ValueError, match="Conflicting settings: a policy was given together with rank_ratio_cnn;"):
+        CoapAlgorithm(policy=CoapPolicy(), rank_ratio_cnn=4)
+
+
+def _routing(trainer):
+    return [(r["name"], r["shape"], repr(r["projector"])) for r in trainer.state.optimizers[0].routing()]
+
+
+def test_rank_ratio_cnn_is_an_alias_of_rank_ratio_conv(digits):
+    # the reference implementation's name (COAP's `rank_ratio_cnn`) routes as rank_ratio_conv does
+    alias = CoapAlgorithm(rank_ratio_cnn=2)
+    assert alias.settings.rank_ratio_conv == 2
+    routed = _routing(make_trainer(digits, algorithms=[alias]))
+    assert routed == _routing(make_trainer(digits, algorithms=[CoapAlgorithm(rank_ratio_conv=2)]))
+    assert routed != _routing(make_trainer(digits, algorithms=[CoapAlgorithm()]))  # default ratio 4: other ranks
+    assert any("Tucker2Projector" in proj for _, _, proj in routed)
+    assert CoapAlgorithm(rank_ratio_cnn=2, rank_ratio_conv=2).settings.rank_ratio_conv == 2
+    with pytest.raises(ValueError, match=r"^Conflicting settings: rank_ratio_cnn=2 and rank_ratio_conv=4 \(.*alias.*\)$"):
+        CoapAlgorithm(rank_ratio_cnn=2, rank_ratio_conv=4)
 
 
 def test_time_string_interval():
@@ -477,3 +505,219 @@ def test_schedulers_passed_to_fit_are_rebound(digits):
     trainer.fit(schedulers=sched, duration="3ba", step_schedulers_every_batch=True)
     assert sched.optimizer is trainer.state.optimizers[0]
     assert rec.lrs == pytest.approx([2e-3 * 0.5**k for k in range(3)])
+
+
+# -- optimizer wrappers (SAM) ----------------------------------------------------------------
+def _projectors(opt):
+    """Every projector tensor of a COAP optimizer: {(parameter name, state key): tensor}."""
+    names = {id(p): n for g in opt.param_groups for n, p in zip(g["param_names"], g["params"])}
+    return {(names[id(p)], k): v.clone() for p, st in opt.state.items() for k, v in st.items() if k.startswith("proj")}
+
+
+class ProjectorRecorder(Callback):
+    """The projectors after each batch (found through SAM-style wrappers' ``base_optimizer``)."""
+
+    def __init__(self):
+        self.after = []
+
+    def batch_end(self, state, logger):
+        opt = state.optimizers[0]
+        self.after.append(_projectors(getattr(opt, "base_optimizer", opt)))
+
+
+def _changed(before, after):
+    return {k for k in after if k not in before or not torch.equal(after[k], before[k])}
+
+
+def test_sam_wrapped_optimizer_refreshes_projectors(digits):
+    from composer.algorithms import SAM
+
+    rec = ProjectorRecorder()
+    algo = CoapAlgorithm(update_interval=2, reproject_factor=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # SAM warns about resuming from checkpoints
+        trainer = make_trainer(digits, algorithms=[algo, SAM(rho=0.05)], callbacks=[rec], max_duration="6ba")
+    trainer.fit()
+    wrapper = trainer.state.optimizers[0]
+    assert type(wrapper).__name__ == "SAMOptimizer" and isinstance(wrapper.base_optimizer, CoapAdamW)
+    assert algo.refreshes == [(2, "correlation"), (4, "svd"), (6, "correlation")]
+    snaps = rec.after
+    assert len(snaps[0]) >= 5  # two Tucker-2 convs (proj_out, proj_in) and fc1 set up at step 1
+    for step in range(2, 7):
+        changed = _changed(snaps[step - 2], snaps[step - 1])
+        if step % 2 == 0:
+            assert changed == set(snaps[step - 1]), step  # every projector refreshed
+        else:
+            assert not changed, step
+    layers = [e for e in wrapper.base_optimizer.coap_report()["layers"] if e["projector"] != "none"]
+    assert layers and all(e["last_refresh_step"] == 6 for e in layers)
+
+
+class SkipStepOptimizer(torch.optim.Optimizer):
+    """Wraps an optimizer as SAM does (``base_optimizer``, shared param groups) and skips the
+    wrapped step on the given calls (1-based), as an AMP scaler does on an inf gradient."""
+
+    def __init__(self, base, skip=()):
+        self.base_optimizer, self.skip, self.calls = base, set(skip), 0
+        super().__init__(base.param_groups, {})
+
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        self.calls += 1
+        if self.calls not in self.skip:
+            self.base_optimizer.step()
+        return loss
+
+
+class WrapOptimizers(Algorithm):
+    """At AFTER_LOAD (where SAM wraps) replace every optimizer by ``make(optimizer)``."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def match(self, event, state):
+        return event == Event.AFTER_LOAD
+
+    def apply(self, event, state, logger):
+        state.optimizers = [self.make(o) for o in state.optimizers]
+
+
+def test_refresh_of_a_skipped_step_is_not_reported_and_does_not_run_later(digits):
+    rec = ProjectorRecorder()
+    algo = CoapAlgorithm(update_interval=2, reproject_factor=2)
+    trainer = make_trainer(digits, algorithms=[algo, WrapOptimizers(lambda o: SkipStepOptimizer(o, skip={4}))],
+                           callbacks=[rec], max_duration="6ba")
+    trainer.fit()
+    assert algo.refreshes == [(2, "correlation"), (6, "correlation")]  # the svd of step 4 never ran
+    snaps = rec.after
+    assert _changed(snaps[0], snaps[1]) == set(snaps[1])  # step 2 refreshed
+    assert not _changed(snaps[2], snaps[3])  # step 4: no optimizer step, no refresh
+    assert not _changed(snaps[3], snaps[4])  # step 5: the withdrawn request did not run late
+    assert _changed(snaps[4], snaps[5]) == set(snaps[5])
+    assert all(g["pending_refresh"] == "none" for g in trainer.state.optimizers[0].base_optimizer.param_groups)
+
+
+def test_no_coap_optimizer_left_is_an_error(digits):
+    # an algorithm that rebuilds the optimizer after the swap: no projector would ever be refreshed
+    trainer = make_trainer(digits, algorithms=[CoapAlgorithm(update_interval=2),
+                                               WrapOptimizers(lambda o: torch.optim.AdamW(o.param_groups[0]["params"]))])
+    with pytest.raises(RuntimeError, match=r"found no COAP optimizer in state.optimizers \(AdamW\).*base_optimizer"):
+        trainer.fit()
+
+
+# -- module surgery in either order ----------------------------------------------------------
+def _strided_net():
+    # no BatchNorm (exact comparisons); both strided convs have 32+ input channels (BlurPool
+    # replaces them) and more than min_conv_numel elements (Tucker-2)
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
+                         nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                         nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 10))
+    return ComposerClassifier(body, num_classes=10)
+
+
+class LossRecorder(Callback):
+    def __init__(self):
+        self.losses = []
+
+    def after_train_batch(self, state, logger):
+        self.losses.append(float(state.loss))
+
+
+@pytest.mark.parametrize("surgery", ["blurpool", "channels_last", "both"])
+def test_module_surgery_before_or_after_coap(digits, surgery):
+    from composer.algorithms import BlurPool, ChannelsLast
+
+    def surgeries():
+        return {"blurpool": [BlurPool()], "channels_last": [ChannelsLast()], "both": [BlurPool(), ChannelsLast()]}[surgery]
+
+    runs = {}
+    for order in ("coap_first", "coap_last"):
+        algo = CoapAlgorithm(update_interval=2, reproject_factor=2)
+        model = _strided_net()
+        rec = LossRecorder()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # BlurPool: "no MaxPool2d found" and the like
+            trainer = make_trainer(digits, model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=2e-3),
+                                   algorithms=[algo, *surgeries()] if order == "coap_first" else [*surgeries(), algo],
+                                   callbacks=[rec], max_duration="4ba")
+            trainer.fit()
+        opt = trainer.state.optimizers[0]
+        names = {id(p): n for n, p in trainer.state.model.named_parameters()}
+        for g in opt.param_groups:  # the groups name and route the parameters they hold
+            assert g["param_names"] == [names[id(p)] for p in g["params"]]
+            assert len(g["projection"]) == len(g["params"])
+        runs[order] = (_routing(trainer), rec.losses, params(trainer), algo.refreshes)
+    first, last = runs["coap_first"], runs["coap_last"]
+    assert first[0] == last[0]
+    routed = {name: proj for name, _, proj in first[0]}
+    blurred = "module.2.conv.weight" if surgery != "channels_last" else "module.2.weight"
+    assert routed[blurred].startswith("Tucker2Projector(shape=(64, 32, 3, 3)")
+    assert first[3] == last[3] == [(2, "correlation"), (4, "svd")]
+    assert first[1] == last[1] and len(first[1]) == 4
+    for k, v in first[2].items():
+        assert torch.equal(last[2][k], v), k
+
+
+@pytest.mark.parametrize("coap_first", [True, False])
+@pytest.mark.parametrize("named_on", ["model", "inner_net"])
+def test_module_surgery_keeps_the_routing_of_a_users_coap_optimizer(digits, coap_first, named_on):
+    from composer.algorithms import BlurPool
+
+    from coap_plugins import CoapPolicy
+
+    model = _strided_net()
+    # the user's own routing: the hidden linear (module.8) kept full rank, where CoapAlgorithm's
+    # default policy would give it a matrix projector
+    named = model if named_on == "model" else model.module
+    opt = CoapAdamW(CoapPolicy(exclude=["*8"]).param_groups(named), lr=2e-3)
+    algo = CoapAlgorithm(update_interval=2, reproject_factor=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = make_trainer(digits, model=model, optimizer=opt, max_duration="2ba",
+                               algorithms=[algo, BlurPool()] if coap_first else [BlurPool(), algo])
+        trainer.fit()
+    assert trainer.state.optimizers[0] is opt
+    routed = {name: proj for name, _, proj in _routing(trainer)}
+    assert routed["module.8.weight"] == "None" and routed["module.10.weight"].startswith("MatrixProjector")
+    assert routed["module.2.conv.weight"].startswith("Tucker2Projector")  # added by the surgery: the policy's kind
+    assert algo.refreshes == [(2, "correlation")]
+
+
+def test_find_coap_optimizers_follows_wrappers_once():
+    from types import SimpleNamespace
+
+    from coap_plugins.algorithms._swap import find_coap_optimizers
+
+    model = nn.Linear(8, 8)
+    coap = CoapAdamW(model.parameters())
+    a = SimpleNamespace(step=lambda: None)
+    b = SimpleNamespace(step=lambda: None, optimizer=a, optim=coap)
+    a.base_optimizer, a._optimizer = b, a  # a cycle and a self-reference end the search
+    assert find_coap_optimizers([a, coap, b]) == [coap]
+    assert find_coap_optimizers([SimpleNamespace(step=lambda: None, optimizer="not an optimizer")]) == []
+
+
+def test_resuming_a_sam_checkpoint_without_coap_state_is_refused_or_fresh(digits, tmp_path):
+    from composer.algorithms import SAM
+
+    def algos(**kw):
+        return [CoapAlgorithm(update_interval=2, reproject_factor=2, **kw), SAM(rho=0.05)]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # SAM's and Composer's warnings about the resumption
+        first = make_trainer(digits, algorithms=algos(), max_duration="2ba", save_folder=str(tmp_path),
+                             save_interval="2ba", save_filename="ba{batch}.pt")
+        first.fit()
+        first.close()
+        path = str(tmp_path / "ba2.pt")
+        # SAM's checkpoint holds the SAMOptimizer's state (e_w), none of CoapAdamW's moments or projectors
+        with pytest.raises(ValueError, match=r"written after 2 COAP step\(s\) but Composer restored no state into "
+                                             r"CoapAdamW.*SAMOptimizer.*on_foreign_checkpoint='fresh'"):
+            make_trainer(digits, algorithms=algos(), max_duration="4ba", load_path=path)
+        mem = InMemoryLogger()
+        second = make_trainer(digits, algorithms=algos(on_foreign_checkpoint="fresh"), max_duration="4ba",
+                              load_path=path, loggers=[mem])
+    assert mem.hyperparameters["coap/fresh_start"] is True
+    second.fit()
+    assert second.state.algorithms[0].refreshes == [(4, "svd")]

@@ -228,11 +228,29 @@ def test_two_callbacks_have_distinct_state_keys_and_are_refused(digits, tmp_path
         (dict(reproject_factor=-1), r"Invalid reproject_factor"),
         (dict(eight_bit="yes"), r"Invalid eight_bit: 'yes'"),
         (dict(policy=object()), r"Invalid policy"),
+        (dict(lr=math.nan), r"^Invalid lr: nan \(must be a finite number >= 0\)$"),
+        (dict(weight_decay=math.inf), r"^Invalid weight_decay: inf \(must be a finite number >= 0\)$"),
+        (dict(eps=-1.0), r"^Invalid eps: -1.0 \(must be a finite number >= 0\)$"),
+        (dict(betas=(0.9, math.inf)), r"^Invalid betas: \(0.9, inf\) \(must be a pair of finite numbers in \[0, 1\)\)$"),
+        (dict(betas=0.9), r"^Invalid betas: 0.9 "),
+        (dict(rank_ratio_cnn=0.5), r"^Invalid rank_ratio_cnn: 0.5"),
+        (dict(rank_ratio_cnn=2, rank_ratio_conv=4), r"^Conflicting settings: rank_ratio_cnn=2 and rank_ratio_conv=4 "),
     ],
 )
 def test_bad_settings(kwargs, match):
     with pytest.raises(MisconfigurationException, match=match):
         CoapCallback(**kwargs)
+
+
+def test_rank_ratio_cnn_is_an_alias_of_rank_ratio_conv(digits, tmp_path):
+    def routing(cb):
+        model = make_model()
+        make_trainer(tmp_path, callbacks=[cb], max_steps=1).fit(model, loader(digits, n=BATCH))
+        return [(r["name"], repr(r["projector"])) for r in cb._replaced[0][1].routing()]
+
+    routed = routing(CoapCallback(rank_ratio_cnn=2))
+    assert routed == routing(CoapCallback(rank_ratio_conv=2)) != routing(CoapCallback())
+    assert dict(routed)["net.features.4.weight"].startswith("Tucker2Projector")
 
 
 def test_lazy_import():
@@ -411,6 +429,77 @@ def test_gradient_clipping_and_bf16_mixed(digits, tmp_path):
     assert projs and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in projs)
     assert all(not torch.equal(v, start[k]) for k, v in params(model).items())
     assert sum(model.losses[-3:]) < sum(model.losses[:3]) - 0.5
+
+
+# -- optimizer wrappers ----------------------------------------------------------------------
+class SkipStepOptimizer(torch.optim.Optimizer):
+    """Wraps an optimizer as Composer's SAM does (``base_optimizer``, shared param groups) and
+    skips the wrapped step on the given calls (1-based), as an AMP scaler does on an inf gradient."""
+
+    def __init__(self, base, skip=()):
+        self.base_optimizer, self.skip, self.calls = base, set(skip), 0
+        super().__init__(base.param_groups, {})
+
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        self.calls += 1
+        if self.calls not in self.skip:
+            self.base_optimizer.step()
+        return loss
+
+
+class ProjectorRecorder(Callback):
+    def __init__(self, opt):
+        self.opt, self.after = opt, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        opt = self.opt()
+        self.after.append({(id(p), k): v.clone() for p, st in opt.state.items() for k, v in st.items() if k.startswith("proj")})
+
+
+def test_wrapped_coap_optimizer_is_driven_and_a_skipped_refresh_is_not_reported(digits, tmp_path):
+    from coap_plugins import CoapPolicy
+
+    inner = []
+
+    def optim(m):
+        inner.append(CoapAdamW(CoapPolicy().param_groups(m), lr=2e-3))
+        return SkipStepOptimizer(inner[-1], skip={4})
+
+    cb = CoapCallback(update_interval=2, reproject_factor=2)
+    rec = ProjectorRecorder(lambda: inner[-1])
+    model = make_model(make_optim=optim)
+    trainer = make_trainer(tmp_path, callbacks=[cb, rec], max_steps=6)
+    trainer.fit(model, loader(digits))
+    assert type(trainer.optimizers[0]) is SkipStepOptimizer  # the wrapper is kept, its COAP optimizer driven
+    assert all(g["schedule"] == "external" for g in inner[-1].param_groups)
+    assert cb.refreshes == [(2, "correlation"), (6, "correlation")]  # the svd of step 4 never ran
+    snaps = rec.after
+
+    def changed(a, b):
+        return {k for k in b if k not in a or not torch.equal(a[k], b[k])}
+
+    assert len(snaps[0]) >= 5 and changed(snaps[0], snaps[1]) == set(snaps[1])
+    assert not changed(snaps[2], snaps[3]) and not changed(snaps[3], snaps[4])  # skipped; not run late
+    assert changed(snaps[4], snaps[5]) == set(snaps[5])
+
+
+def test_resuming_a_wrapper_checkpoint_without_coap_state_is_refused(digits, tmp_path):
+    from coap_plugins import CoapPolicy
+
+    def optim(m):
+        return SkipStepOptimizer(CoapAdamW(CoapPolicy().param_groups(m), lr=2e-3))
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last", save_top_k=-1)
+    first = make_trainer(tmp_path / "a", callbacks=[CoapCallback(update_interval=2), ckpt], max_steps=2,
+                         enable_checkpointing=True)
+    first.fit(make_model(make_optim=optim), loader(digits))
+    # Lightning saved the wrapper's state_dict: its own (empty) state, none of CoapAdamW's
+    assert not torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["optimizer_states"][0]["state"]
+    second = make_trainer(tmp_path / "b", callbacks=[CoapCallback(update_interval=2)], max_steps=4)
+    with pytest.raises(MisconfigurationException, match=r"written after 2 COAP step\(s\) but Lightning restored no state "
+                                                         r"into CoapAdamW: the optimizer Lightning saves is SkipStepOptimizer"):
+        second.fit(make_model(make_optim=optim), loader(digits), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
 
 
 # -- distributed -----------------------------------------------------------------------------

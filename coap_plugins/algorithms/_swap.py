@@ -8,7 +8,12 @@ The Composer algorithm and the Lightning callback share these:
   :meth:`~coap_plugins.CoapPolicy.param_groups`;
 * :func:`build_optimizer` builds a COAP optimizer from the settings alone (no user optimizer);
 * :func:`rebind_lr_scheduler` points a torch ``LRScheduler`` built on the old optimizer at the
-  new one.
+  new one;
+* :func:`find_coap_optimizers` finds the COAP optimizers behind optimizer wrappers (Composer's
+  ``SAMOptimizer``, Lightning's ``LightningOptimizer``);
+* :func:`reroute_groups` re-derives the per-parameter routing of a COAP optimizer after module
+  surgery replaced parameters in its groups;
+* :func:`settle_refresh` tells whether a requested refresh reached an optimizer step.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import functools
 import math
 import re
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,11 +38,15 @@ from ..schedule import ProjectionSchedule
 __all__ = [
     "CoapSettings",
     "build_optimizer",
+    "find_coap_optimizers",
     "parse_interval",
     "rebind_lr_scheduler",
     "refresh_metrics",
+    "remember_routing",
+    "reroute_groups",
     "routing_summary",
     "routing_table",
+    "settle_refresh",
     "translate_optimizer",
     "translatable_names",
 ]
@@ -46,6 +55,9 @@ _ADAM_NAMES = ("AdamW", "Adam", "DecoupledAdamW")
 _ADAFACTOR_NAMES = ("Adafactor",)
 # torch implementation switches: meaningless for COAP, dropped from the groups
 _IMPL_KEYS = ("foreach", "fused", "capturable", "differentiable", "decoupled_weight_decay")
+# where optimizer wrappers conventionally keep the optimizer they wrap: Composer's SAMOptimizer
+# (base_optimizer), Lightning's LightningOptimizer (_optimizer), and the usual spellings elsewhere
+WRAPPED_OPTIMIZER_ATTRS = ("base_optimizer", "optimizer", "optim", "_optimizer")
 
 
 def translatable_names() -> str:
@@ -66,6 +78,13 @@ def parse_interval(name: str, value: Any) -> int:
     return check_positive_int(name, value)
 
 
+def _is_finite_number(value: Any, low: float) -> bool:
+    """A real number (not a bool, not a tensor), finite and >= ``low``."""
+    return (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= low
+    )
+
+
 @dataclass
 class CoapSettings:
     """Every COAP setting an adapter takes, validated on construction.
@@ -78,6 +97,8 @@ class CoapSettings:
         eight_bit: use the 8-bit form of the chosen optimizer (default False).
         rank, rank_ratio_matrix, rank_ratio_conv, min_conv_numel: ranks and size floor, as in
             :class:`~coap_plugins.CoapPolicy` (defaults None, None, None, 9216).
+        rank_ratio_cnn: the reference implementation's name for ``rank_ratio_conv``, accepted
+            as an alias (default None); giving both with different values is an error.
         exclude: parameter-name patterns kept full rank (default none).
         policy: a :class:`~coap_plugins.CoapPolicy`; when given, the rank arguments and
             ``exclude`` must be left at their defaults (default None: one is built from them).
@@ -86,7 +107,8 @@ class CoapSettings:
         restore_state: carry moments into a new basis (default False).
         seed: base seed of the projectors (default 0).
         lr, betas, eps, weight_decay: used only when there is no user optimizer to translate
-            (defaults 1e-3, (0.9, 0.999), 1e-8, 1e-2).
+            (defaults 1e-3, (0.9, 0.999), 1e-8, 1e-2); always validated: finite, ``lr``, ``eps``
+            and ``weight_decay`` >= 0, each beta in [0, 1).
     """
 
     optimizer: str = "auto"
@@ -105,6 +127,7 @@ class CoapSettings:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 1e-2
+    rank_ratio_cnn: float | None = None
     _interval: int = field(init=False, repr=False, default=32)
 
     def __post_init__(self) -> None:
@@ -119,15 +142,32 @@ class CoapSettings:
         check_rank(self.rank)
         check_ratio("rank_ratio_matrix", self.rank_ratio_matrix)
         check_ratio("rank_ratio_conv", self.rank_ratio_conv)
+        check_ratio("rank_ratio_cnn", self.rank_ratio_cnn)
+        conv_name = "rank_ratio_conv"
+        if self.rank_ratio_cnn is not None:
+            if self.rank_ratio_conv is not None and self.rank_ratio_conv != self.rank_ratio_cnn:
+                raise ValueError(
+                    f"Conflicting settings: rank_ratio_cnn={self.rank_ratio_cnn!r} and "
+                    f"rank_ratio_conv={self.rank_ratio_conv!r} (rank_ratio_cnn is an alias of rank_ratio_conv: give one)"
+                )
+            if self.rank_ratio_conv is None:
+                conv_name = "rank_ratio_cnn"
+            self.rank_ratio_conv = self.rank_ratio_cnn
         check_min_numel("min_conv_numel", self.min_conv_numel)
         self._interval = parse_interval("update_interval", self.update_interval)
         check_positive_int("reproject_factor", self.reproject_factor)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"Invalid seed: {self.seed!r} (must be an integer)")
-        if not (isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool) and self.lr >= 0):
-            raise ValueError(f"Invalid lr: {self.lr!r} (must be a number >= 0)")
-        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
-            raise ValueError(f"Invalid weight_decay: {self.weight_decay!r} (must be a number >= 0)")
+        for key in ("lr", "eps", "weight_decay"):
+            if not _is_finite_number(getattr(self, key), low=0.0):
+                raise ValueError(f"Invalid {key}: {getattr(self, key)!r} (must be a finite number >= 0)")
+        betas = self.betas
+        if not (
+            isinstance(betas, (tuple, list)) and len(betas) == 2
+            and all(_is_finite_number(b, low=0.0) and b < 1 for b in betas)
+        ):
+            raise ValueError(f"Invalid betas: {betas!r} (must be a pair of finite numbers in [0, 1))")
+        self.betas = (betas[0], betas[1])
         if self.policy is not None:
             if not isinstance(self.policy, CoapPolicy):
                 raise ValueError(f"Invalid policy: {self.policy!r} (expected a coap_plugins.CoapPolicy or None)")
@@ -136,7 +176,7 @@ class CoapSettings:
                 for k, v, d in (
                     ("rank", self.rank, None),
                     ("rank_ratio_matrix", self.rank_ratio_matrix, None),
-                    ("rank_ratio_conv", self.rank_ratio_conv, None),
+                    (conv_name, self.rank_ratio_conv, None),
                     ("min_conv_numel", self.min_conv_numel, DEFAULT_MIN_CONV_NUMEL),
                     ("exclude", tuple(self.exclude), ()),
                 )
@@ -330,6 +370,126 @@ def rebind_lr_scheduler(scheduler: Any, old: torch.optim.Optimizer, new: torch.o
     _track_step_calls(new)
     new._opt_called = getattr(old, "_opt_called", False)  # type: ignore[attr-defined]
     return True
+
+
+def find_coap_optimizers(optimizers: Iterable[Any]) -> list[CoapOptimizer]:
+    """The COAP optimizers in ``optimizers``, looking through optimizer wrappers.
+
+    A wrapper (Composer's ``SAMOptimizer``, Lightning's ``LightningOptimizer``, ...) is followed
+    through the attribute that conventionally holds the optimizer it wraps
+    (:data:`WRAPPED_OPTIMIZER_ATTRS`), recursively; each object is visited once, so wrappers that
+    point at each other end the search.  Order of first appearance, no duplicates.
+    """
+    found: list[CoapOptimizer] = []
+    seen: set[int] = set()
+    todo = list(optimizers)[::-1]
+    while todo:
+        obj = todo.pop()
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, CoapOptimizer):
+            found.append(obj)
+            continue
+        inner = [getattr(obj, attr, None) for attr in WRAPPED_OPTIMIZER_ATTRS]
+        todo.extend(o for o in reversed(inner) if o is not None and callable(getattr(o, "step", None)))
+    return found
+
+
+def settle_refresh(optimizer: CoapOptimizer) -> bool:
+    """After the batch whose step should have run a requested refresh: whether it did.
+
+    :meth:`~coap_plugins.optim.CoapOptimizer.step` clears the request of every group it runs;
+    a request still pending means no step ran (a skipped AMP step, a wrapper that did not call
+    the optimizer).  It is withdrawn, so it does not run later, off the schedule.
+    """
+    pending = [g for g in optimizer.param_groups if g.get("pending_refresh", "none") != "none"]
+    for group in pending:
+        group["pending_refresh"] = "none"
+    return not pending
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    # DDP adds "module." to every name; route on the names the swap saw
+    while isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    return model
+
+
+def remember_routing(optimizer: CoapOptimizer) -> dict[int, str]:
+    """The projection kinds of the parameters of ``optimizer``'s unnamed groups, by tensor identity
+    (for :func:`reroute_groups`; named groups are looked up by name)."""
+    kinds = {}
+    for group in optimizer.param_groups:
+        if isinstance(group["projection"], list) and "param_names" not in group:
+            kinds.update((id(p), k) for p, k in zip(group["params"], group["projection"]))
+    return kinds
+
+
+def _by_name(name: str, table: dict[str, str]) -> str | None:
+    # the user may have named the parameters on the inner network ("features.0.weight") where
+    # the model the framework holds says "module.features.0.weight"
+    parts = name.split(".")
+    for i in range(len(parts) - 1):
+        kind = table.get(".".join(parts[i:]))
+        if kind is not None:
+            return kind
+    return None
+
+
+def reroute_groups(
+    optimizer: CoapOptimizer,
+    model: nn.Module,
+    policy: CoapPolicy,
+    *,
+    own_routing: bool = False,
+    remembered: dict[int, str] | None = None,
+) -> bool:
+    """Re-derive each group's ``projection`` list and ``param_names`` from the parameters it holds now.
+
+    Module surgery (Composer's BlurPool, ...) replaces parameters inside the groups and leaves
+    the per-parameter lists out of step with ``group["params"]``.  Every parameter is routed by
+    ``policy`` on the current ``model`` (by tensor identity), so the outcome does not depend on
+    whether the surgery ran before or after the swap, and is named as ``model`` names it (a DDP
+    wrapper's ``module.`` prefix left out).  With ``own_routing`` (an optimizer the user built
+    with their own routing) a parameter keeps the kind its group gave it, looked up by the
+    group's ``param_names`` (surgery leaves them paired with the kinds; a name may lack a
+    leading prefix of the model's name) or, in groups without names, by tensor identity in
+    ``remembered`` (:func:`remember_routing` at the swap); only the parameters not found,
+    added by surgery, are routed by ``policy``.  Groups with one projection string for
+    every parameter are left as they are.  Idempotent; returns whether anything changed.  A
+    parameter that already has optimizer state and would change kind is refused (its state has
+    the other kind's shapes).
+    """
+    model = _unwrapped(model)
+    derived = policy.param_groups(model, [{"params": list(g["params"])} for g in optimizer.param_groups])
+    changed = False
+    for gi, (group, new) in enumerate(zip(optimizer.param_groups, derived)):
+        old = group["projection"]
+        if not isinstance(old, list):
+            continue
+        names = [name for name, _ in new["params"]]
+        kinds = list(new["projection"])
+        if own_routing and "param_names" in group:
+            table = dict(zip(group["param_names"], old))
+            kinds = [_by_name(n, table) or k for n, k in zip(names, kinds)]
+        elif own_routing:
+            known = remembered or {}
+            kinds = [known.get(id(p), k) for p, k in zip(group["params"], kinds)]
+        for i, (p, kind) in enumerate(zip(group["params"], kinds)):
+            before = old[i] if i < len(old) else None
+            if before != kind and optimizer.state.get(p):
+                raise ValueError(
+                    f"Cannot re-route {names[i]} (param group {gi}) from {before!r} to {kind!r}: it already has "
+                    "optimizer state. Apply module surgery before training starts"
+                )
+        if kinds != old:
+            group["projection"] = kinds
+            changed = True
+        if "param_names" in group and group["param_names"] != names:
+            group["param_names"] = names
+            changed = True
+    return changed
 
 
 def routing_table(optimizers: Sequence[CoapOptimizer]) -> dict[str, str]:

@@ -18,10 +18,14 @@ from ..projection import DEFAULT_MIN_CONV_NUMEL
 from ._swap import (
     CoapSettings,
     build_optimizer,
+    find_coap_optimizers,
     rebind_lr_scheduler,
     refresh_metrics,
+    remember_routing,
+    reroute_groups,
     routing_summary,
     routing_table,
+    settle_refresh,
     translate_optimizer,
 )
 
@@ -105,9 +109,19 @@ class CoapAlgorithm(Algorithm):
     ``Event.FIT_START``).  With ``optimizers=None`` (Composer's default ``DecoupledSGDW``) a
     COAP optimizer is built from ``lr``, ``betas``, ``eps``, ``weight_decay``.
 
+    Module surgery may run before or after this algorithm (``[BlurPool(), CoapAlgorithm()]`` and
+    ``[CoapAlgorithm(), BlurPool()]`` train alike): the per-parameter routing is re-derived from
+    the parameters the groups hold at ``Event.BEFORE_LOAD`` (so a checkpoint's routing compares
+    equal on load; the routing is logged then) and again at ``Event.FIT_START``.
+
     The algorithm owns the projection schedule: at ``Event.AFTER_TRAIN_BATCH`` (complete,
     unscaled, all-reduced gradient, before the step) it requests the correlation update or the
     SVD recalibration when due, once per optimizer step whatever the gradient accumulation.
+    COAP optimizers are found behind optimizer wrappers (Composer's ``SAM`` wraps the optimizer
+    in a ``SAMOptimizer`` at ``Event.AFTER_LOAD``; any wrapper keeping the optimizer in
+    ``base_optimizer``, ``optimizer``, ``optim`` or ``_optimizer``); when none can be found the
+    batch raises.  ``refreshes`` lists only the refreshes an optimizer step ran (a request that
+    no step consumed, e.g. a step skipped by the AMP scaler, is withdrawn with a warning).
     Each refresh logs ``coap/state_bytes``, ``coap/full_rank_state_bytes``, ``coap/state_ratio``,
     ``coap/reconstruction_error``, ``coap/cosine`` (correlation updates) and
     ``coap/refresh_seconds``; the per-layer routing is logged once as hyperparameters.
@@ -116,7 +130,10 @@ class CoapAlgorithm(Algorithm):
     this algorithm's state.  Composer does not re-create this algorithm when loading: pass it
     again when resuming.  Resuming a checkpoint written without it (its AdamW state would be
     skipped by Composer with only a warning) raises, unless ``on_foreign_checkpoint="fresh"``,
-    which starts the COAP state from scratch and logs ``coap/fresh_start``.  FSDP is refused.
+    which starts the COAP state from scratch and logs ``coap/fresh_start``; so does resuming a
+    checkpoint that holds no state of the COAP optimizer (one written with ``SAM``: Composer
+    saves the ``SAMOptimizer`` wrapper, whose state does not include the optimizer it wraps).
+    FSDP is refused.
 
     Args:
         optimizer: ``"auto"`` or a COAP optimizer name to use whatever the user passed (keeping
@@ -125,6 +142,8 @@ class CoapAlgorithm(Algorithm):
         rank: matrix rank when no ratio is given (default None).
         rank_ratio_matrix: matrix rank = min(m, n) // ratio (default None: 4).
         rank_ratio_conv: Tucker-2 rank ratio (default None: 4).
+        rank_ratio_cnn: alias of ``rank_ratio_conv``, the reference implementation's name
+            (default None); giving both with different values is an error.
         min_conv_numel: convs with at most this many elements stay full rank (default 9216).
         exclude: parameter-name patterns kept full rank, e.g. ``["fc"]`` (default ()).
         policy: a :class:`~coap_plugins.CoapPolicy` instead of the four arguments above (default None).
@@ -137,7 +156,9 @@ class CoapAlgorithm(Algorithm):
         eps: Adam eps when Composer had no optimizer (default 1e-8).
         weight_decay: AdamW weight decay when Composer had no optimizer (default 1e-2).
         on_foreign_checkpoint: ``"error"`` or ``"fresh"`` when resuming a checkpoint written
-            without CoapAlgorithm (default ``"error"``).
+            without CoapAlgorithm, or one whose optimizer state Composer could not restore into
+            the COAP optimizer (written with ``SAM``, which saves its wrapper's state only)
+            (default ``"error"``).
 
     Example:
         .. testcode::
@@ -178,21 +199,24 @@ class CoapAlgorithm(Algorithm):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         on_foreign_checkpoint: str = "error",
+        rank_ratio_cnn: float | None = None,
     ) -> None:
         self.settings = CoapSettings(
             optimizer=optimizer, eight_bit=eight_bit, rank=rank, rank_ratio_matrix=rank_ratio_matrix,
             rank_ratio_conv=rank_ratio_conv, min_conv_numel=min_conv_numel, exclude=tuple(exclude), policy=policy,
             update_interval=update_interval, reproject_factor=reproject_factor, restore_state=restore_state,
-            seed=seed, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+            seed=seed, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank_ratio_cnn=rank_ratio_cnn,
         )
         if on_foreign_checkpoint not in _FRESH_CHOICES:
             raise ValueError(f"Invalid on_foreign_checkpoint: {on_foreign_checkpoint!r} (expected 'error' or 'fresh')")
         self.on_foreign_checkpoint = on_foreign_checkpoint
         self.schedule = self.settings.schedule()
         self.steps = 0  # optimizer steps taken under this algorithm (the schedule position)
-        self.refreshes: list[tuple[int, str]] = []  # (step, kind) of every refresh requested
+        self.refreshes: list[tuple[int, str]] = []  # (step, kind) of every refresh an optimizer step ran
         self._replaced: list[tuple[torch.optim.Optimizer, CoapOptimizer]] = []
+        self._remembered_routing: dict[int, dict[int, str]] = {}  # id(optimizer) -> kinds, for optimizers the user built
         self._pending = "none"
+        self._requested: list[CoapOptimizer] = []
         self._loaded: dict[str, Any] | None = None
         self._routing_logged = False
 
@@ -231,24 +255,39 @@ class CoapAlgorithm(Algorithm):
         if event == Event.INIT:
             self._swap(state, logger)
         elif event == Event.BEFORE_LOAD:
+            self._reroute(state)
+            self._log_routing(logger)
             self._rebind(state)
         elif event == Event.AFTER_LOAD:
             self._after_load(state, logger)
         elif event == Event.FIT_START:
             self._check_parallelism(state)
+            self._reroute(state)
+            self._log_routing(logger)
             self._rebind(state)
         elif event == Event.AFTER_TRAIN_BATCH:
+            # SAM runs this event twice per batch (one per closure): requesting again is harmless
+            optimizers = self._coap_optimizers(state)
             kind = self.schedule.refresh_at(self.steps + 1)
             if kind != "none":
-                for opt in self._coap_optimizers(state):
+                for opt in optimizers:
                     opt.request_refresh(kind)
+                self._requested = optimizers
             self._pending = kind
         elif event == Event.BATCH_END:
             self.steps += 1
             if self._pending != "none":
-                self.refreshes.append((self.steps, self._pending))
-                self._log_refresh(state, logger)
+                ran = [settle_refresh(opt) for opt in self._requested]
+                if any(ran):
+                    self.refreshes.append((self.steps, self._pending))
+                    self._log_refresh([opt for opt, r in zip(self._requested, ran) if r], logger)
+                if not all(ran):
+                    log.warning(
+                        "CoapAlgorithm: the %s refresh of step %d did not run on %d of %d COAP optimizer(s) (their "
+                        "step was skipped); withdrawn", self._pending, self.steps, ran.count(False), len(ran),
+                    )
             self._pending = "none"
+            self._requested = []
 
     def _check_parallelism(self, state: State) -> None:
         if getattr(state, "fsdp_config", None) is not None or getattr(state, "fsdp_enabled", False):
@@ -260,7 +299,24 @@ class CoapAlgorithm(Algorithm):
             raise ValueError("CoapAlgorithm does not support tensor parallelism: remove parallelism_config['tp']")
 
     def _coap_optimizers(self, state: State) -> list[CoapOptimizer]:
-        return [o for o in state.optimizers if isinstance(o, CoapOptimizer)]
+        found = find_coap_optimizers(state.optimizers)
+        if not found:
+            names = ", ".join(type(o).__name__ for o in state.optimizers) or "none"
+            raise RuntimeError(
+                f"CoapAlgorithm found no COAP optimizer in state.optimizers ({names}), not even behind a wrapper's "
+                "base_optimizer / optimizer / optim / _optimizer: something replaced the optimizer CoapAlgorithm "
+                "built, and no projector would be refreshed. Remove the algorithm that rebuilds the optimizer, or "
+                "CoapAlgorithm"
+            )
+        return found
+
+    def _reroute(self, state: State) -> None:
+        # module surgery after the swap (BlurPool listed after this algorithm) replaces parameters
+        # inside the groups: re-derive the per-parameter routing from what the groups hold now
+        assert self.settings.policy is not None
+        for old, new in self._replaced:
+            reroute_groups(new, state.model, self.settings.policy, own_routing=old is new,
+                           remembered=self._remembered_routing.get(id(new)))
 
     def _swap(self, state: State, logger: Logger) -> None:
         self._check_parallelism(state)
@@ -268,7 +324,8 @@ class CoapAlgorithm(Algorithm):
         new_opts = []
         for old in state.optimizers:
             if isinstance(old, CoapOptimizer):
-                new = old
+                new = old  # the user's own routing: kept; parameters that surgery adds are routed by the policy
+                self._remembered_routing[id(new)] = remember_routing(new)
             elif _is_composer_default_sgd(old, model):
                 log.info("CoapAlgorithm: no optimizer was given; building %s(lr=%s)",
                          self.settings.optimizer_class("adamw").__name__, self.settings.lr)
@@ -281,7 +338,6 @@ class CoapAlgorithm(Algorithm):
         if not new_opts:
             raise ValueError("CoapAlgorithm found no optimizer to replace (the model has no trainable parameters?)")
         state.optimizers = new_opts
-        self._log_routing(logger)
 
     def _rebind(self, state: State) -> None:
         for sched in state.schedulers:
@@ -308,6 +364,8 @@ class CoapAlgorithm(Algorithm):
                     )
             self.steps = int(self._loaded.get("steps", 0))
             self._loaded = None
+            if self.steps > 0 and not any(new.state for _, new in self._replaced):
+                self._lost_state(logger, mine)
         elif resumed:
             if self.on_foreign_checkpoint == "error":
                 raise ValueError(
@@ -321,6 +379,19 @@ class CoapAlgorithm(Algorithm):
             logger.log_hyperparameters({"coap/fresh_start": True, "coap/fresh_start_batch": int(state.timestamp.batch)})
             self.steps = 0
 
+    def _lost_state(self, logger: Logger, mine: list[str]) -> None:
+        # e.g. SAM: Composer saves the SAMOptimizer wrapper's state_dict, which holds none of the
+        # wrapped optimizer's moments and projectors, and skips the missing CoapAdamW with a warning
+        msg = (
+            f"The checkpoint was written after {self.steps} COAP step(s) but Composer restored no state into "
+            f"{', '.join(mine)}: it was saved under another optimizer (such as SAM's SAMOptimizer, whose checkpoints "
+            "do not hold the state of the optimizer it wraps), so the moments and projectors would restart from scratch"
+        )
+        if self.on_foreign_checkpoint == "error":
+            raise ValueError(msg + ". Pass CoapAlgorithm(on_foreign_checkpoint='fresh') to accept that")
+        log.warning("CoapAlgorithm: %s; starting them fresh at step %d", msg, self.steps)
+        logger.log_hyperparameters({"coap/fresh_start": True, "coap/fresh_start_batch": self.steps})
+
     # -- logging -----------------------------------------------------------------------------
     def _log_routing(self, logger: Logger) -> None:
         if self._routing_logged:
@@ -330,5 +401,5 @@ class CoapAlgorithm(Algorithm):
         logger.log_hyperparameters(routing_table(optimizers))
         self._routing_logged = True
 
-    def _log_refresh(self, state: State, logger: Logger) -> None:
-        logger.log_metrics(refresh_metrics(self._coap_optimizers(state)))
+    def _log_refresh(self, optimizers: list[CoapOptimizer], logger: Logger) -> None:
+        logger.log_metrics(refresh_metrics(optimizers))

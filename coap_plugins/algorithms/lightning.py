@@ -17,10 +17,12 @@ from ..projection import DEFAULT_MIN_CONV_NUMEL
 from ._swap import (
     CoapSettings,
     build_optimizer,
+    find_coap_optimizers,
     rebind_lr_scheduler,
     refresh_metrics,
     routing_summary,
     routing_table,
+    settle_refresh,
     translate_optimizer,
 )
 
@@ -65,9 +67,14 @@ class CoapCallback(Callback):
 
     The callback owns the projection schedule: at ``on_before_optimizer_step`` (complete,
     unscaled, all-reduced gradient, once per optimizer step whatever ``accumulate_grad_batches``)
-    it requests the correlation update or the SVD recalibration when due.  After each batch with
-    a refresh it logs ``coap/state_bytes``, ``coap/full_rank_state_bytes``, ``coap/state_ratio``,
-    ``coap/reconstruction_error``, ``coap/cosine`` (correlation updates) and
+    it requests the correlation update or the SVD recalibration when due.  An optimizer wrapper
+    that ``configure_optimizers`` returns around a COAP optimizer the user built (a SAM-like
+    ``torch.optim.Optimizer`` keeping it in ``base_optimizer``, ``optimizer``, ``optim`` or
+    ``_optimizer``) is kept, and the COAP optimizer inside it driven.  ``refreshes`` lists only
+    the refreshes an optimizer step ran: a request no step consumed (a step skipped by the AMP
+    scaler or by a wrapper) is withdrawn at the end of the batch with a warning.  After each
+    batch with a refresh it logs ``coap/state_bytes``, ``coap/full_rank_state_bytes``,
+    ``coap/state_ratio``, ``coap/reconstruction_error``, ``coap/cosine`` (correlation updates) and
     ``coap/refresh_seconds`` to every logger of the Trainer; the per-layer routing is logged once
     as hyperparameters.
 
@@ -86,6 +93,8 @@ class CoapCallback(Callback):
         rank: matrix rank when no ratio is given (default None).
         rank_ratio_matrix: matrix rank = min(m, n) // ratio (default None: 4).
         rank_ratio_conv: Tucker-2 rank ratio (default None: 4).
+        rank_ratio_cnn: alias of ``rank_ratio_conv``, the reference implementation's name
+            (default None); giving both with different values is an error.
         min_conv_numel: convs with at most this many elements stay full rank (default 9216).
         exclude: parameter-name patterns kept full rank, e.g. ``["fc"]`` (default ()).
         policy: a :class:`~coap_plugins.CoapPolicy` instead of the four arguments above (default None).
@@ -131,18 +140,21 @@ class CoapCallback(Callback):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
+        rank_ratio_cnn: float | None = None,
     ) -> None:
         try:
             self.settings = CoapSettings(
                 optimizer=optimizer, eight_bit=eight_bit, rank=rank, rank_ratio_matrix=rank_ratio_matrix,
                 rank_ratio_conv=rank_ratio_conv, min_conv_numel=min_conv_numel, exclude=tuple(exclude),
                 policy=policy, update_interval=update_interval, reproject_factor=reproject_factor,
-                restore_state=restore_state, seed=seed, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                restore_state=restore_state, seed=seed, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                rank_ratio_cnn=rank_ratio_cnn,
             )
         except ValueError as e:
             raise MisconfigurationException(str(e)) from e
         self.schedule = self.settings.schedule()
-        self.refreshes: list[tuple[int, str]] = []  # (step, kind) of every refresh requested (first optimizer)
+        self.refreshes: list[tuple[int, str]] = []  # (step, kind) of every refresh a step ran (first optimizer)
+        self._requested: list[tuple[int, CoapOptimizer, int, str]] = []  # (index, optimizer, step, kind) this batch
         self._steps: list[int] = []  # optimizer steps taken under this callback, per COAP optimizer
         self._replaced: list[tuple[torch.optim.Optimizer | None, CoapOptimizer]] = []
         self._module: pl.LightningModule | None = None
@@ -277,13 +289,17 @@ class CoapCallback(Callback):
             self._steps = [0]
             return new
         replaced: dict[int, tuple[torch.optim.Optimizer, CoapOptimizer]] = {}
+        returned: dict[int, torch.optim.Optimizer] = {}  # what Lightning gets in place of each optimizer
         schedulers: list[Any] = []
 
         def walk(obj: Any) -> Any:
             if isinstance(obj, torch.optim.Optimizer):
                 if id(obj) not in replaced:
+                    inner = [] if isinstance(obj, CoapOptimizer) else find_coap_optimizers([obj])
                     if isinstance(obj, CoapOptimizer):
                         new = obj
+                    elif inner:
+                        new = inner[0]  # a wrapper (SAM-like) of a COAP optimizer: kept, the COAP one driven
                     else:
                         try:
                             new = translate_optimizer(obj, pl_module, self.settings, adapter="CoapCallback")
@@ -291,7 +307,8 @@ class CoapCallback(Callback):
                             raise MisconfigurationException(str(e)) from e
                     new.drive_refreshes_externally()
                     replaced[id(obj)] = (obj, new)
-                return replaced[id(obj)][1]
+                    returned[id(obj)] = obj if inner else new
+                return returned[id(obj)]
             if isinstance(obj, dict):
                 return {k: walk(v) for k, v in obj.items()}
             if isinstance(obj, (list, tuple)):
@@ -307,7 +324,7 @@ class CoapCallback(Callback):
             )
         for sched in schedulers:
             for old, new in replaced.values():
-                if old is not new:
+                if returned[id(old)] is new and old is not new:
                     rebind_lr_scheduler(sched, old, new)
         self._replaced = list(replaced.values())
         loaded = self._loaded.get("steps") if self._loaded else None
@@ -317,6 +334,7 @@ class CoapCallback(Callback):
     # -- checks once everything is built ------------------------------------------------------
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._requested = []
         mine = [type(new).__name__ for _, new in self._replaced]
         if self._loaded is not None:
             saved = list(self._loaded.get("optimizer_classes", mine))
@@ -334,13 +352,30 @@ class CoapCallback(Callback):
             )
         self._log_routing(trainer)
 
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning restores the optimizer state after on_fit_start: check it arrived
+        if any(self._steps) and not any(new.state for _, new in self._replaced):
+            wrappers = [
+                type(old).__name__ for old, new in self._replaced
+                if old is not None and old is not new and any(o is new for o in find_coap_optimizers([old]))
+            ]
+            raise MisconfigurationException(
+                f"The checkpoint was written after {max(self._steps)} COAP step(s) but Lightning restored no state into "
+                f"{', '.join(type(new).__name__ for _, new in self._replaced)}"
+                + (f": the optimizer Lightning saves is {', '.join(wrappers)}, whose state_dict does not hold the state "
+                   "of the COAP optimizer it wraps (make its state_dict/load_state_dict include it)" if wrappers else "")
+                + ". The moments and projectors would restart from scratch"
+            )
+
     # -- refreshes ---------------------------------------------------------------------------
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        inner = find_coap_optimizers([optimizer])
         for i, (_, opt) in enumerate(self._replaced):
-            if opt is optimizer:
+            if opt is optimizer or any(opt is o for o in inner):
                 break
         else:
             return  # not one of ours (an optimizer configure_optimizers did not return)
@@ -348,15 +383,22 @@ class CoapCallback(Callback):
         kind = self.schedule.refresh_at(step)
         if kind != "none":
             opt.request_refresh(kind)
-            if i == 0:
-                self.refreshes.append((step, kind))
-            self._to_log = True
+            self._requested.append((i, opt, step, kind))
         self._steps[i] = step
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        requested, self._requested = self._requested, []
+        for i, opt, step, kind in requested:
+            if settle_refresh(opt):
+                if i == 0:
+                    self.refreshes.append((step, kind))
+                self._to_log = True
+            else:
+                log.warning("CoapCallback: the %s refresh of step %d did not run (the optimizer step was skipped); "
+                            "withdrawn", kind, step)
         if self._to_log:
             self._log_refresh(trainer)
             self._to_log = False
