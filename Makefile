@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast demo bench clean
+.PHONY: venv lint test test-fast demo bench clean
 
 venv: $(STAMP)
 
@@ -15,8 +15,12 @@ $(STAMP): constraints.txt pyproject.toml
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[all,dev]"
 	@touch $(STAMP)
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check coap_plugins tests benchmarks
+	$(PY) -m ruff format --check coap_plugins tests benchmarks
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)

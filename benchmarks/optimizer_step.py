@@ -42,21 +42,33 @@ import torch
 
 from coap_plugins import CoapAdamW, CoapAdamW8bit
 
-SHAPES = [(1024, 1024), (4096, 1024), (1024, 4096), (768, 3072),
-          (128, 64, 3, 3), (256, 256, 3, 3), (512, 512, 3, 3), (256, 1024, 1, 1)]
+SHAPES = [
+    (1024, 1024),
+    (4096, 1024),
+    (1024, 4096),
+    (768, 3072),
+    (128, 64, 3, 3),
+    (256, 256, 3, 3),
+    (512, 512, 3, 3),
+    (256, 1024, 1, 1),
+]
 COAP = dict(lr=1e-3, rank_ratio_matrix=4, rank_ratio_conv=4)
 NEVER = 10**9  # an update_interval no run reaches: ordinary steps only
-FULL, QUICK = (SimpleNamespace(warmup=2, cheap=10, refresh=5, first=5),
-               SimpleNamespace(warmup=1, cheap=3, refresh=2, first=2))
+FULL, QUICK = (
+    SimpleNamespace(warmup=2, cheap=10, refresh=5, first=5),
+    SimpleNamespace(warmup=1, cheap=3, refresh=2, first=2),
+)
 RESNET = SimpleNamespace(warmup=2, cheap=5, refresh=3, first=3)  # a whole model: fewer reps
 
 
 def clocked(fn):
     """A callable that runs ``fn()`` and returns the seconds it took."""
+
     def run() -> float:
         start = time.perf_counter()
         fn()
         return time.perf_counter() - start
+
     return run
 
 
@@ -102,21 +114,29 @@ def measure(name: str, params: list, reps) -> dict:
         opt.request_refresh(kind)
         opt.step()
 
-    t = interleave({
-        "adamw": (clocked(ref.step), reps.cheap),
-        "ordinary": (clocked(opt.step), reps.cheap),
-        "ordinary8": (clocked(opt8.step), reps.cheap),
-        "corr": (clocked(lambda: refresh("correlation")), reps.refresh),
-        "svd": (clocked(lambda: refresh("svd")), reps.refresh),
-        "first": (lambda: clocked(CoapAdamW(params, **COAP).step)(), reps.first),  # construction not timed
-        "matmul": (matmul(), reps.cheap),
-    }, reps.warmup)
+    t = interleave(
+        {
+            "adamw": (clocked(ref.step), reps.cheap),
+            "ordinary": (clocked(opt.step), reps.cheap),
+            "ordinary8": (clocked(opt8.step), reps.cheap),
+            "corr": (clocked(lambda: refresh("correlation")), reps.refresh),
+            "svd": (clocked(lambda: refresh("svd")), reps.refresh),
+            "first": (lambda: clocked(CoapAdamW(params, **COAP).step)(), reps.first),  # construction not timed
+            "matmul": (matmul(), reps.cheap),
+        },
+        reps.warmup,
+    )
     projs = [row["projector"] for row in opt.routing() if row["projector"] is not None]
     return dict(
-        t, name=name, numel=sum(p.numel() for p in params),
+        t,
+        name=name,
+        numel=sum(p.numel() for p in params),
         projector=describe(projs[0]) if len(params) == 1 else f"{len(projs)} of {len(params)} projected",
-        macs=sum(p.step_macs() for p in projs), amortized=(310 * t["ordinary"] + 8 * t["corr"] + 2 * t["svd"]) / 320,
-        bytes=opt.state_bytes(), bytes8=opt8.state_bytes(), adamw_bytes=held_bytes(ref),
+        macs=sum(p.step_macs() for p in projs),
+        amortized=(310 * t["ordinary"] + 8 * t["corr"] + 2 * t["svd"]) / 320,
+        bytes=opt.state_bytes(),
+        bytes8=opt8.state_bytes(),
+        adamw_bytes=held_bytes(ref),
     )
 
 
@@ -127,11 +147,29 @@ def measure_bnb(name: str, params: list, reps) -> dict | None:
     except ImportError:
         return None
     ref, opt = torch.optim.AdamW(params, lr=1e-3), AdamW8bit(params, lr=1e-3)
-    t = interleave({"adamw": (clocked(ref.step), reps.cheap), "ordinary": (clocked(opt.step), reps.cheap),
-                    "matmul": (matmul(), reps.cheap)}, reps.warmup)
-    return dict(t, name=f"{name} bnb AdamW8bit", numel=sum(p.numel() for p in params), projector="full rank, 8-bit",
-                macs=0, corr=None, svd=None, first=None, amortized=None, ordinary8=None,
-                bytes=held_bytes(opt), bytes8=None, adamw_bytes=held_bytes(ref))
+    t = interleave(
+        {
+            "adamw": (clocked(ref.step), reps.cheap),
+            "ordinary": (clocked(opt.step), reps.cheap),
+            "matmul": (matmul(), reps.cheap),
+        },
+        reps.warmup,
+    )
+    return dict(
+        t,
+        name=f"{name} bnb AdamW8bit",
+        numel=sum(p.numel() for p in params),
+        projector="full rank, 8-bit",
+        macs=0,
+        corr=None,
+        svd=None,
+        first=None,
+        amortized=None,
+        ordinary8=None,
+        bytes=held_bytes(opt),
+        bytes8=None,
+        adamw_bytes=held_bytes(ref),
+    )
 
 
 def measure_galore(shape, reps) -> dict | None:
@@ -149,16 +187,28 @@ def measure_galore(shape, reps) -> dict | None:
 
     ref, opt = torch.optim.AdamW([p], lr=1e-3), make()
     opt.step()  # the refresh; the next 199 steps are ordinary
-    t = interleave({
-        "adamw": (clocked(ref.step), reps.cheap),
-        "ordinary": (clocked(opt.step), reps.cheap),
-        "svd": (lambda: clocked(make().step)(), reps.refresh),  # its refresh: a fresh first step, full SVD
-        "matmul": (matmul(), reps.cheap),
-    }, reps.warmup)
+    t = interleave(
+        {
+            "adamw": (clocked(ref.step), reps.cheap),
+            "ordinary": (clocked(opt.step), reps.cheap),
+            "svd": (lambda: clocked(make().step)(), reps.refresh),  # its refresh: a fresh first step, full SVD
+            "matmul": (matmul(), reps.cheap),
+        },
+        reps.warmup,
+    )
     return dict(
-        t, name="x".join(map(str, shape)) + " GaLoreAdamW", numel=p.numel(), projector=f"galore r{rank}",
-        macs=2 * p.numel() * rank, corr=None, first=t["svd"], amortized=None, ordinary8=None,
-        bytes=held_bytes(opt), bytes8=None, adamw_bytes=held_bytes(ref),
+        t,
+        name="x".join(map(str, shape)) + " GaLoreAdamW",
+        numel=p.numel(),
+        projector=f"galore r{rank}",
+        macs=2 * p.numel() * rank,
+        corr=None,
+        first=t["svd"],
+        amortized=None,
+        ordinary8=None,
+        bytes=held_bytes(opt),
+        bytes8=None,
+        adamw_bytes=held_bytes(ref),
     )
 
 
@@ -191,20 +241,42 @@ def floor(r: dict) -> float:
 
 
 def table(rows: list) -> list[str]:
-    head = ["shape", "elements", "projector", "AdamW ms", "ordinary ms (xAdamW)", "floor ms (GMAC/s)",
-            "ordinary/floor", "correlation ms (xAdamW)", "corr/ordinary", "recal ms (xAdamW)", "recal/ordinary",
-            "first step ms (xAdamW)", "amortized ms (xAdamW)", "state MiB COAP / AdamW (ratio)",
-            "8-bit ordinary ms (x32-bit COAP)", "8-bit state MiB (xAdamW)"]
+    head = [
+        "shape",
+        "elements",
+        "projector",
+        "AdamW ms",
+        "ordinary ms (xAdamW)",
+        "floor ms (GMAC/s)",
+        "ordinary/floor",
+        "correlation ms (xAdamW)",
+        "corr/ordinary",
+        "recal ms (xAdamW)",
+        "recal/ordinary",
+        "first step ms (xAdamW)",
+        "amortized ms (xAdamW)",
+        "state MiB COAP / AdamW (ratio)",
+        "8-bit ordinary ms (x32-bit COAP)",
+        "8-bit state MiB (xAdamW)",
+    ]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         a, o = r["adamw"], r["ordinary"]
         has_floor = r["macs"] > 0
         cells = [
-            r["name"], f"{r['numel']:,}", r["projector"], ms(a), ms(o, a),
+            r["name"],
+            f"{r['numel']:,}",
+            r["projector"],
+            ms(a),
+            ms(o, a),
             f"{ms(floor(r))} ({2048**3 / r['matmul'] / 1e9:.0f})" if has_floor else "-",
             f"{o / floor(r):.2f}" if has_floor else "-",
-            ms(r["corr"], a), f"{r['corr'] / o:.2f}" if r["corr"] else "-", ms(r["svd"], a),
-            f"{r['svd'] / o:.2f}" if r["svd"] else "-", ms(r["first"], a), ms(r["amortized"], a),
+            ms(r["corr"], a),
+            f"{r['corr'] / o:.2f}" if r["corr"] else "-",
+            ms(r["svd"], a),
+            f"{r['svd'] / o:.2f}" if r["svd"] else "-",
+            ms(r["first"], a),
+            ms(r["amortized"], a),
             f"{r['bytes'] / 2**20:.2f} / {r['adamw_bytes'] / 2**20:.2f} ({r['bytes'] / r['adamw_bytes']:.3f})",
             ms(r["ordinary8"], o),
             f"{r['bytes8'] / 2**20:.2f} ({r['bytes8'] / r['adamw_bytes']:.3f})" if r["bytes8"] else "-",
@@ -223,26 +295,44 @@ def targets(rows: list) -> list[str]:
 
     coap = [r for r in rows if r["corr"] is not None]
     big = [r for r in coap if r["numel"] >= 2**20 or r["name"] == "resnet18"]
-    check("ordinary <= 1.5x floor (shapes >= 1M elements, ResNet-18)",
-          [(r["name"], f"{r['ordinary'] / floor(r):.2f}x") for r in big],
-          all(r["ordinary"] <= 1.5 * floor(r) for r in big))
-    check("correlation step <= 1.6x ordinary", [(r["name"], f"{r['corr'] / r['ordinary']:.2f}x") for r in coap],
-          all(r["corr"] <= 1.6 * r["ordinary"] for r in coap))
+    check(
+        "ordinary <= 1.5x floor (shapes >= 1M elements, ResNet-18)",
+        [(r["name"], f"{r['ordinary'] / floor(r):.2f}x") for r in big],
+        all(r["ordinary"] <= 1.5 * floor(r) for r in big),
+    )
+    check(
+        "correlation step <= 1.6x ordinary",
+        [(r["name"], f"{r['corr'] / r['ordinary']:.2f}x") for r in coap],
+        all(r["corr"] <= 1.6 * r["ordinary"] for r in coap),
+    )
     g, c = by.get("4096x1024 GaLoreAdamW"), by["4096x1024"]
-    check("recalibration of 4096x1024 <= 1/5 of GaLore's refresh",
-          [("4096x1024", f"{c['svd'] / g['svd']:.3f} (1/{g['svd'] / c['svd']:.1f})")] if g else [],
-          bool(g) and c["svd"] <= g["svd"] / 5)
+    check(
+        "recalibration of 4096x1024 <= 1/5 of GaLore's refresh",
+        [("4096x1024", f"{c['svd'] / g['svd']:.3f} (1/{g['svd'] / c['svd']:.1f})")] if g else [],
+        bool(g) and c["svd"] <= g["svd"] / 5,
+    )
     t = by["512x512x3x3"]
-    check("Tucker-2 recalibration of 512x512x3x3 <= 4x its ordinary step",
-          [("512x512x3x3", f"{t['svd'] / t['ordinary']:.2f}x")], t["svd"] <= 4 * t["ordinary"])
+    check(
+        "Tucker-2 recalibration of 512x512x3x3 <= 4x its ordinary step",
+        [("512x512x3x3", f"{t['svd'] / t['ordinary']:.2f}x")],
+        t["svd"] <= 4 * t["ordinary"],
+    )
     r = by.get("resnet18")
-    check("first step of whole ResNet-18 <= 2 s", [("resnet18", f"{r['first']:.2f} s")] if r else [],
-          bool(r) and r["first"] <= 2.0)
-    check("CoapAdamW8bit state on ResNet-18 <= 13 % of torch AdamW's",
-          [("resnet18", f"{r['bytes8'] / r['adamw_bytes']:.3f}")] if r else [],
-          bool(r) and r["bytes8"] <= 0.13 * r["adamw_bytes"])
-    check("ordinary 8-bit step <= 1.5x the 32-bit COAP step", [(c["name"], f"{c['ordinary8'] / c['ordinary']:.2f}x") for c in coap],
-          all(c["ordinary8"] <= 1.5 * c["ordinary"] for c in coap))
+    check(
+        "first step of whole ResNet-18 <= 2 s",
+        [("resnet18", f"{r['first']:.2f} s")] if r else [],
+        bool(r) and r["first"] <= 2.0,
+    )
+    check(
+        "CoapAdamW8bit state on ResNet-18 <= 13 % of torch AdamW's",
+        [("resnet18", f"{r['bytes8'] / r['adamw_bytes']:.3f}")] if r else [],
+        bool(r) and r["bytes8"] <= 0.13 * r["adamw_bytes"],
+    )
+    check(
+        "ordinary 8-bit step <= 1.5x the 32-bit COAP step",
+        [(c["name"], f"{c['ordinary8'] / c['ordinary']:.2f}x") for c in coap],
+        all(c["ordinary8"] <= 1.5 * c["ordinary"] for c in coap),
+    )
     return out
 
 
@@ -287,16 +377,26 @@ def main() -> None:
         rows += [r for r in extra if r]
     rates = [2048**3 / r["matmul"] / 1e9 for r in rows]
     lines = [
-        "# Optimizer step benchmark", "",
-        f"Command: `{shlex.join([sys.executable] + sys.argv)}`", "",
+        "# Optimizer step benchmark",
+        "",
+        f"Command: `{shlex.join([sys.executable] + sys.argv)}`",
+        "",
         f"Machine: {cpu_model()}; torch {torch.__version__}, {torch.get_num_threads()} threads; fp32 matmul rate "
         f"(2048^3 products) {statistics.median(rates):.1f} GMAC/s, median over rows (range {min(rates):.1f} "
-        f"to {max(rates):.1f}); 1-minute load average at start {load:.2f}", "",
-        *table(rows), "",
+        f"to {max(rates):.1f}); 1-minute load average at start {load:.2f}",
+        "",
+        *table(rows),
+        "",
         "Notes: each row's timings are taken in turns (AdamW, ordinary, correlation, recal, first step, matmul, "
         "round-robin), medians of %d reps after %d warm-up calls (refreshes: %d reps, first step: %d fresh "
-        "optimizers%s). " % (reps.cheap, reps.warmup, reps.refresh, reps.first,
-                             "" if args.quick else f"; ResNet-18: {RESNET.cheap} / {RESNET.refresh} / {RESNET.first}")
+        "optimizers%s). "
+        % (
+            reps.cheap,
+            reps.warmup,
+            reps.refresh,
+            reps.first,
+            "" if args.quick else f"; ResNet-18: {RESNET.cheap} / {RESNET.refresh} / {RESNET.first}",
+        )
         + f"AdamW = torch.optim.AdamW defaults ({adamw_default()} on this device). "
         "(xAdamW) = time / AdamW time of the same row, same run. floor = sum of Projector.step_macs() over projected "
         "parameters / the fp32 matmul rate measured in the row's turns (in brackets, GMAC/s). recal = low-cost SVD "
@@ -306,7 +406,8 @@ def main() -> None:
         "floor uses the same 2mnr multiply-adds. 8-bit: CoapAdamW8bit's ordinary step (x the 32-bit COAP ordinary "
         "step of the row) and state; bnb AdamW8bit rows: bitsandbytes' full-rank 8-bit AdamW (its CPU path). "
         "ResNet-18: timm resnet18 built with zero_init_last=False (the "
-        "default zeroes every block conv's gradient at init), gradients of one 2x3x64x64 batch.", "",
+        "default zeroes every block conv's gradient at init), gradients of one 2x3x64x64 batch.",
+        "",
         *targets(rows),
     ]
     text = "\n".join(lines) + "\n"

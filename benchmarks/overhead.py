@@ -1,7 +1,7 @@
 """End-to-end training overhead of COAP against AdamW on the shipped coap-train digits recipe.
 
-Runs ``python -m coap_plugins.train.cli`` on ``yamls/composer/resnet18_digits_adamw.yaml`` (AdamW)
-and ``yamls/composer/resnet18_digits.yaml`` (the same recipe with CoapAdamW) in turns, A, B, A,
+Runs ``python -m coap_plugins.train.cli`` on ``composer/resnet18_digits_adamw`` (AdamW)
+and ``composer/resnet18_digits`` (the same recipe with CoapAdamW) in turns, A, B, A,
 B, ... (``--repeats`` pairs, default 2), so load from other processes falls on both alike.  Each
 run trains ``--batches`` batches (default 100) with the overrides ``max_duration=<N>ba
 eval_interval=<N>ba checkpoint.interval=null progress_bar=false threads=<T>
@@ -36,25 +36,35 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from optimizer_step import cpu_model  # noqa: E402  (benchmarks/, run as scripts)
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = {"AdamW": "yamls/composer/resnet18_digits_adamw.yaml", "CoapAdamW": "yamls/composer/resnet18_digits.yaml"}
+# packaged recipes by name (coap_plugins.recipes), as `coap-train NAME` takes them
+RECIPES = {"AdamW": "composer/resnet18_digits_adamw", "CoapAdamW": "composer/resnet18_digits"}
 QUICK_BATCHES, QUICK_REPEATS = 3, 1
 
 
 def batch_size(recipe: str) -> int:
     """The recipe's training batch size (data.batch_size)."""
+    from coap_plugins.recipes import recipe_path
     from coap_plugins.train.config import load_config
 
-    return load_config(str(ROOT / recipe)).data.batch_size
+    return load_config(recipe_path(recipe)).data.batch_size
 
 
 def train(recipe: str, batches: int, threads: int, out_dir: Path) -> dict:
     """Run the recipe for ``batches`` batches in a fresh process; returns its summary.json."""
-    cmd = [sys.executable, "-m", "coap_plugins.train.cli", recipe, f"max_duration={batches}ba",
-           f"eval_interval={batches}ba", "checkpoint.interval=null", "progress_bar=false", f"output_dir={out_dir}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "coap_plugins.train.cli",
+        recipe,
+        f"max_duration={batches}ba",
+        f"eval_interval={batches}ba",
+        "checkpoint.interval=null",
+        "progress_bar=false",
+        f"output_dir={out_dir}",
+    ]
     if threads:
         cmd.append(f"threads={threads}")
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -71,22 +81,33 @@ def run_all(batches: int, repeats: int, threads: int) -> dict[str, list[dict]]:
         for rep in range(repeats):
             for name, recipe in RECIPES.items():
                 summary = train(recipe, batches, threads, Path(tmp) / f"{name}-{rep}")
-                print(f"{name} repeat {rep + 1}: {summary['samples_per_second']:.1f} samples/s, "
-                      f"{summary['wall_seconds']:.1f} s", file=sys.stderr, flush=True)
+                print(
+                    f"{name} repeat {rep + 1}: {summary['samples_per_second']:.1f} samples/s, "
+                    f"{summary['wall_seconds']:.1f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 runs[name].append(summary)
     return runs
 
 
 def table(runs: dict[str, list[dict]]) -> list[str]:
-    head = ["recipe", "optimizer", "steps/s (median)", "time per step / AdamW", "wall s (median)",
-            "state MiB", "runs"]
-    rate = {name: statistics.median(s["samples_per_second"] / batch_size(RECIPES[name]) for s in rs)
-            for name, rs in runs.items()}
+    head = ["recipe", "optimizer", "steps/s (median)", "time per step / AdamW", "wall s (median)", "state MiB", "runs"]
+    rate = {
+        name: statistics.median(s["samples_per_second"] / batch_size(RECIPES[name]) for s in rs)
+        for name, rs in runs.items()
+    }
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, rs in runs.items():
-        cells = [f"`{RECIPES[name]}`", rs[0]["optimizer"], f"{rate[name]:.3f}", f"{rate['AdamW'] / rate[name]:.3f}",
-                 f"{statistics.median(s['wall_seconds'] for s in rs):.1f}", f"{rs[0]['state_bytes'] / 2**20:.2f}",
-                 str(len(rs))]
+        cells = [
+            f"`{RECIPES[name]}`",
+            rs[0]["optimizer"],
+            f"{rate[name]:.3f}",
+            f"{rate['AdamW'] / rate[name]:.3f}",
+            f"{statistics.median(s['wall_seconds'] for s in rs):.1f}",
+            f"{rs[0]['state_bytes'] / 2**20:.2f}",
+            str(len(rs)),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -100,13 +121,15 @@ def at_least(low: int):
         if value < low:
             raise argparse.ArgumentTypeError(f"Invalid value: {text!r} (must be an integer >= {low})")
         return value
+
     return parse
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help=f"smoke test: {QUICK_BATCHES} batches, {QUICK_REPEATS} repeat")
+    parser.add_argument(
+        "--quick", action="store_true", help=f"smoke test: {QUICK_BATCHES} batches, {QUICK_REPEATS} repeat"
+    )
     parser.add_argument("--batches", type=at_least(1), default=None, help="batches per run (default 100)")
     parser.add_argument("--repeats", type=at_least(1), default=None, help="A/B pairs (default 2)")
     parser.add_argument("--threads", type=at_least(0), default=1, help="torch threads per run (0: torch's default)")
@@ -117,13 +140,18 @@ def main(argv: list[str] | None = None) -> None:
     load = os.getloadavg()[0]
     runs = run_all(batches, repeats, args.threads)
     lines = [
-        "# End-to-end overhead: coap-train ResNet-18 on digits", "",
-        f"Command: `{shlex.join([sys.executable] + sys.argv)}`", "",
+        "# End-to-end overhead: coap-train ResNet-18 on digits",
+        "",
+        f"Command: `{shlex.join([sys.executable] + sys.argv)}`",
+        "",
         f"Machine: {cpu_model()} ({os.cpu_count()} cores); torch {torch.__version__}; "
-        f"{datetime.datetime.now().isoformat(timespec='seconds')}; 1-minute load average at start {load:.2f}", "",
+        f"{datetime.datetime.now().isoformat(timespec='seconds')}; 1-minute load average at start {load:.2f}",
+        "",
         f"{batches} batches per run, {repeats} repeat(s), recipes in turns (AdamW, CoapAdamW, ...), "
-        f"{args.threads or 'default'} torch thread(s) per run.", "",
-        *table(runs), "",
+        f"{args.threads or 'default'} torch thread(s) per run.",
+        "",
+        *table(runs),
+        "",
         "steps/s = samples_per_second from the run's summary.json (training time only, evaluation excluded) / "
         "data.batch_size; time per step / AdamW = AdamW's median steps/s / the recipe's. wall s = the run's "
         "wall_seconds (evaluation included, process start-up not). state = optimizer-state bytes from the summary.",

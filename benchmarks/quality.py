@@ -86,17 +86,18 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-
-from optimizer_step import cpu_model  # noqa: E402  (benchmarks/, run as scripts)
 import torch.nn.functional as F
+from optimizer_step import cpu_model  # noqa: E402  (benchmarks/, run as scripts)
 
 METHODS = ["AdamW", "Adafactor", "CoapAdamW", "CoapAdafactor", "CoapAdamW8bit", "GaLoreAdamW", "AdamW8bit"]
 ADAFACTOR_FAMILY = {"Adafactor", "CoapAdafactor"}
 TASKS = {
-    "resnet": SimpleNamespace(steps=300, warmup=10, eval_every=100, batch=64, train_images=300,
-                              metric="test loss", lower_is_better=True),
-    "unet": SimpleNamespace(steps=500, warmup=20, eval_every=100, batch=64, train_images=None,
-                            metric="held-out MSE", lower_is_better=True),
+    "resnet": SimpleNamespace(
+        steps=300, warmup=10, eval_every=100, batch=64, train_images=300, metric="test loss", lower_is_better=True
+    ),
+    "unet": SimpleNamespace(
+        steps=500, warmup=20, eval_every=100, batch=64, train_images=None, metric="held-out MSE", lower_is_better=True
+    ),
 }
 UNET_WIDTHS, UNET_BLOCKS = (32, 64, 100), 1
 EVAL_TIMESTEPS = [50, 150, 300, 500, 700, 900]
@@ -140,7 +141,7 @@ def translate(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tens
     h, w = x.shape[-2:]
     padded = F.pad(x, (pad, pad, pad, pad))
     offsets = torch.randint(0, 2 * pad + 1, (x.shape[0], 2), generator=gen).tolist()
-    return torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets)])
+    return torch.stack([padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(offsets)])
 
 
 def build_model(task: str, seed: int) -> torch.nn.Module:
@@ -163,8 +164,12 @@ def family(method: str) -> str:
 
 
 def coap_kwargs(task: str, job: dict[str, Any]) -> dict[str, Any]:
-    kw = dict(COAP, rank_ratio_matrix=job["rank_ratio"], rank_ratio_conv=job["rank_ratio"],
-              update_interval=job["update_interval"])
+    kw = dict(
+        COAP,
+        rank_ratio_matrix=job["rank_ratio"],
+        rank_ratio_conv=job["rank_ratio"],
+        update_interval=job["update_interval"],
+    )
     if task == "unet":
         kw["min_conv_numel"] = 0  # the UNet's convs are small: project them too
     return kw
@@ -198,13 +203,19 @@ def build_optimizer(method: str, model: torch.nn.Module, task: str, job: dict[st
 
         # timm's Adafactor applies an explicit lr as is (its parameter scaling only acts with
         # relative_step); scale_parameter=False gives CoapAdafactor the same step size
-        return CoapAdafactor(params, lr=lr, beta1=0.9, relative_step=False, scale_parameter=False, weight_decay=wd,
-                             **coap_kwargs(task, job))
+        return CoapAdafactor(
+            params,
+            lr=lr,
+            beta1=0.9,
+            relative_step=False,
+            scale_parameter=False,
+            weight_decay=wd,
+            **coap_kwargs(task, job),
+        )
     if method == "GaLoreAdamW":
         from galore_torch import GaLoreAdamW
 
-        return GaLoreAdamW(galore_groups(model, job["rank_ratio"]), lr=lr, weight_decay=wd,
-                           no_deprecation_warning=True)
+        return GaLoreAdamW(galore_groups(model, job["rank_ratio"]), lr=lr, weight_decay=wd, no_deprecation_warning=True)
     if method == "AdamW8bit":
         from bitsandbytes.optim import AdamW8bit
 
@@ -275,8 +286,10 @@ def evaluate(task: str, model, data: dict, ddpm) -> dict[str, float]:
     model.eval()
     logits = model(data["x_test"])
     model.train(was_training)
-    return {"test_loss": F.cross_entropy(logits, data["y_test"]).item(),
-            "test_accuracy": (logits.argmax(1) == data["y_test"]).float().mean().item()}
+    return {
+        "test_loss": F.cross_entropy(logits, data["y_test"]).item(),
+        "test_accuracy": (logits.argmax(1) == data["y_test"]).float().mean().item(),
+    }
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -306,16 +319,23 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
         if (step + 1) % TRAIN_LOG_EVERY == 0 or step + 1 == steps:
-            tail = losses[-((step % TRAIN_LOG_EVERY) + 1):]
+            tail = losses[-((step % TRAIN_LOG_EVERY) + 1) :]
             train_curve.append([step + 1, sum(tail) / len(tail)])
         if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
             eval_curve.append([step + 1, evaluate(task, model, data, ddpm)])
     timed = times[SKIP_STEPS:] or times
     return dict(
-        job, params=numel, final=eval_curve[-1][1], state_bytes=state_bytes(opt), adamw_bytes=8 * numel,
-        step_ms=[t * 1e3 for t in timed], median_step_ms=statistics.median(timed) * 1e3,
+        job,
+        params=numel,
+        final=eval_curve[-1][1],
+        state_bytes=state_bytes(opt),
+        adamw_bytes=8 * numel,
+        step_ms=[t * 1e3 for t in timed],
+        median_step_ms=statistics.median(timed) * 1e3,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        wall_seconds=time.perf_counter() - start, train_curve=train_curve, eval_curve=eval_curve,
+        wall_seconds=time.perf_counter() - start,
+        train_curve=train_curve,
+        eval_curve=eval_curve,
         threads=torch.get_num_threads(),
     )
 
@@ -330,10 +350,26 @@ def worker(job_json: str, result: str, threads: int) -> None:
 # ----------------------------------------------------------------------------- scheduling
 
 
-def make_job(task: str, method: str, seed: int, steps: int, test_images: int | None, ratio: int = 4,
-             interval: int = 32, sweep: bool = False) -> dict[str, Any]:
-    return dict(task=task, method=method, seed=seed, steps=steps, test_images=test_images, rank_ratio=ratio,
-                update_interval=interval, sweep=sweep)
+def make_job(
+    task: str,
+    method: str,
+    seed: int,
+    steps: int,
+    test_images: int | None,
+    ratio: int = 4,
+    interval: int = 32,
+    sweep: bool = False,
+) -> dict[str, Any]:
+    return dict(
+        task=task,
+        method=method,
+        seed=seed,
+        steps=steps,
+        test_images=test_images,
+        rank_ratio=ratio,
+        update_interval=interval,
+        sweep=sweep,
+    )
 
 
 def job_key(job: dict[str, Any]) -> tuple:
@@ -350,14 +386,19 @@ def sweep_points(grid: str) -> list[tuple[int, int]]:
 
 def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Main jobs seed-major, methods interleaved within a seed; then the sweep's new jobs."""
-    jobs = [make_job(task, method, seed, args.steps[task], args.test_images)
-            for seed in args.seeds for task in args.tasks for method in args.methods]
+    jobs = [
+        make_job(task, method, seed, args.steps[task], args.test_images)
+        for seed in args.seeds
+        for task in args.tasks
+        for method in args.methods
+    ]
     if args.sweep:
         have = {job_key(j) for j in jobs}
         for seed in args.sweep_seeds:
             for ratio, interval in sweep_points(args.sweep_grid):
-                job = make_job("unet", "CoapAdamW", seed, args.steps["unet"], args.test_images, ratio,
-                               interval, sweep=True)
+                job = make_job(
+                    "unet", "CoapAdamW", seed, args.steps["unet"], args.test_images, ratio, interval, sweep=True
+                )
                 if job_key(job) not in have:
                     jobs.append(job)
                     have.add(job_key(job))
@@ -371,8 +412,16 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
 def launch(job: dict[str, Any], threads: int, tmp: str, index: int) -> dict[str, Any]:
     """Run one job in a fresh interpreter and read its JSON result."""
     result = os.path.join(tmp, f"job{index}.json")
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(job), "--result", result,
-           "--threads", str(threads)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        json.dumps(job),
+        "--result",
+        result,
+        "--threads",
+        str(threads),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"worker failed (exit {proc.returncode}) on job {job!r}:\n{proc.stderr[-3000:]}")
@@ -383,8 +432,12 @@ def launch_logged(job: dict[str, Any], threads: int, tmp: str, index: int, total
     t0 = time.perf_counter()
     res = launch(job, threads, tmp, index)
     metric = ", ".join(f"{k} {v:.4f}" for k, v in res["final"].items())
-    print(f"[{index + 1}/{total}] {job['task']} {job['method']} seed {job['seed']} r{job['rank_ratio']} "
-          f"T{job['update_interval']}: {metric}; {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    print(
+        f"[{index + 1}/{total}] {job['task']} {job['method']} seed {job['seed']} r{job['rank_ratio']} "
+        f"T{job['update_interval']}: {metric}; {time.perf_counter() - t0:.0f} s",
+        file=sys.stderr,
+        flush=True,
+    )
     return res
 
 
@@ -443,8 +496,13 @@ def task_table(results: list[dict], task: str, methods: list[str]) -> list[str]:
             cells.append(mean_std([100 * r["final"]["test_accuracy"] for r in runs], 2))
         state = statistics.fmean(r["state_bytes"] for r in runs)
         t = pooled_median(runs)
-        cells += [f"{state / 2**20:.2f}", f"{state / runs[0]['adamw_bytes']:.3f}", f"{t:.1f}", ratio(t, ref_time),
-                  f"{max(r['peak_rss_bytes'] for r in runs) / 2**20:.0f}"]
+        cells += [
+            f"{state / 2**20:.2f}",
+            f"{state / runs[0]['adamw_bytes']:.3f}",
+            f"{t:.1f}",
+            ratio(t, ref_time),
+            f"{max(r['peak_rss_bytes'] for r in runs) / 2**20:.0f}",
+        ]
         rows.append("| " + " | ".join(cells) + " |")
     n = len({r["seed"] for r in results if r["task"] == task and not r["sweep"]})
     head[1] = head[1].format(n=f"{n} seed" + "s" * (n != 1))
@@ -453,6 +511,7 @@ def task_table(results: list[dict], task: str, methods: list[str]) -> list[str]:
 
 def sweep_rows(results: list[dict], seeds: list[int], steps: int) -> list[dict[str, Any]]:
     """One row per (seed, rank ratio, update interval) of the sweep, with ratios to AdamW's run."""
+
     def find(method: str, seed: int, r: int = 4, t: int = 32) -> dict | None:
         return next((x for x in results if job_key(x) == ("unet", method, seed, steps, r, t)), None)
 
@@ -464,73 +523,117 @@ def sweep_rows(results: list[dict], seeds: list[int], steps: int) -> list[dict[s
             if x is None:
                 continue
             mse = x["final"]["heldout_mse"]
-            rows.append(dict(
-                seed=seed, rank_ratio=r, update_interval=t, heldout_mse=mse, state_bytes=x["state_bytes"],
-                median_step_ms=x["median_step_ms"],
-                mse_vs_adamw=mse / ref["final"]["heldout_mse"] if ref else None,
-                state_vs_adamw=x["state_bytes"] / ref["state_bytes"] if ref else None,
-            ))
+            rows.append(
+                dict(
+                    seed=seed,
+                    rank_ratio=r,
+                    update_interval=t,
+                    heldout_mse=mse,
+                    state_bytes=x["state_bytes"],
+                    median_step_ms=x["median_step_ms"],
+                    mse_vs_adamw=mse / ref["final"]["heldout_mse"] if ref else None,
+                    state_vs_adamw=x["state_bytes"] / ref["state_bytes"] if ref else None,
+                )
+            )
     return rows
 
 
 def sweep_table(rows: list[dict[str, Any]]) -> list[str]:
-    head = ["rank ratio", "update interval", "seed", "held-out MSE", "MSE / AdamW", "state MiB", "state / AdamW",
-            "time/step ms"]
+    head = [
+        "rank ratio",
+        "update interval",
+        "seed",
+        "held-out MSE",
+        "MSE / AdamW",
+        "state MiB",
+        "state / AdamW",
+        "time/step ms",
+    ]
 
     def rel(v: float | None) -> str:
         return "-" if v is None else f"{v:.3f}"
 
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for x in rows:
-        cells = [str(x["rank_ratio"]), str(x["update_interval"]), str(x["seed"]), f"{x['heldout_mse']:.4f}",
-                 rel(x["mse_vs_adamw"]), f"{x['state_bytes'] / 2**20:.2f}", rel(x["state_vs_adamw"]),
-                 f"{x['median_step_ms']:.1f}"]
+        cells = [
+            str(x["rank_ratio"]),
+            str(x["update_interval"]),
+            str(x["seed"]),
+            f"{x['heldout_mse']:.4f}",
+            rel(x["mse_vs_adamw"]),
+            f"{x['state_bytes'] / 2**20:.2f}",
+            rel(x["state_vs_adamw"]),
+            f"{x['median_step_ms']:.1f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
 def environment(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(command=shlex.join([sys.executable] + sys.argv), torch=torch.__version__, cpu=cpu_model(),
-                cores=os.cpu_count(), threads=args.threads, date=datetime.datetime.now().isoformat(timespec="seconds"),
-                load_average_at_start=os.getloadavg()[0])
+    return dict(
+        command=shlex.join([sys.executable] + sys.argv),
+        torch=torch.__version__,
+        cpu=cpu_model(),
+        cores=os.cpu_count(),
+        threads=args.threads,
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+        load_average_at_start=os.getloadavg()[0],
+    )
 
 
 def task_intro(task: str, args: argparse.Namespace, params: int | None) -> str:
     cfg = TASKS[task]
     test = f"first {args.test_images}" if args.test_images else "450"
     if task == "resnet":
-        what = (f"timm resnet18 (1 input channel, 10 classes, {params or 0:,} parameters), first {cfg.train_images} "
-                "training digits at 16x16 with random 2-pixel translations; metric: cross-entropy on the "
-                f"{test} test images (lower is better), and accuracy")
+        what = (
+            f"timm resnet18 (1 input channel, 10 classes, {params or 0:,} parameters), first {cfg.train_images} "
+            "training digits at 16x16 with random 2-pixel translations; metric: cross-entropy on the "
+            f"{test} test images (lower is better), and accuracy"
+        )
     else:
-        what = (f"DDPM UNet widths {UNET_WIDTHS}, {UNET_BLOCKS} block per level ({params or 0:,} parameters), "
-                f"digits at 16x16 in [-1, 1]; metric: held-out noise-prediction MSE of the {test} test images at "
-                f"timesteps {EVAL_TIMESTEPS}, noise seed 0 (lower is better)")
+        what = (
+            f"DDPM UNet widths {UNET_WIDTHS}, {UNET_BLOCKS} block per level ({params or 0:,} parameters), "
+            f"digits at 16x16 in [-1, 1]; metric: held-out noise-prediction MSE of the {test} test images at "
+            f"timesteps {EVAL_TIMESTEPS}, noise seed 0 (lower is better)"
+        )
     steps = args.steps[task]
     return f"{what}; batch {cfg.batch}, {steps} steps, cosine schedule, warm-up {min(cfg.warmup, steps)}."
 
 
 def markdown(results: list[dict], args: argparse.Namespace, env: dict[str, Any]) -> str:
-    lines = ["# Optimizer quality benchmark", "", f"Command: `{env['command']}`", "",
-             f"Machine: {env['cpu']} ({env['cores']} cores); torch {env['torch']}, {env['threads']} thread(s) per "
-             f"run, {args.jobs} run(s) at a time; {env['date']}; 1-minute load average at start "
-             f"{env['load_average_at_start']:.2f}", ""]
+    lines = [
+        "# Optimizer quality benchmark",
+        "",
+        f"Command: `{env['command']}`",
+        "",
+        f"Machine: {env['cpu']} ({env['cores']} cores); torch {env['torch']}, {env['threads']} thread(s) per "
+        f"run, {args.jobs} run(s) at a time; {env['date']}; 1-minute load average at start "
+        f"{env['load_average_at_start']:.2f}",
+        "",
+    ]
     for task in args.tasks:
         params = next((r["params"] for r in results if r["task"] == task), None)
         lines += [f"## {task}", "", task_intro(task, args, params), "", *task_table(results, task, args.methods), ""]
     if args.sweep:
-        lines += ["## Sweep: CoapAdamW on the UNet, rank ratio x update interval", "",
-                  "Reproject factor 5; ratios are relative to AdamW's result for the same seed.", "",
-                  *sweep_table(sweep_rows(results, args.sweep_seeds, args.steps["unet"])), ""]
-    lines += ["Notes: lr 2e-3 (Adam family: AdamW, CoapAdamW, CoapAdamW8bit, GaLoreAdamW, AdamW8bit; weight decay "
-              "0.05) and 1e-2 on the ResNet, 5e-3 on the UNet (Adafactor family: Adafactor, CoapAdafactor; no "
-              "weight decay; timm's Adafactor collapsed at 1e-2 on the UNet); COAP rank ratio 4, "
-              "update interval 32, reproject factor 5 (UNet: min_conv_numel=0); GaLore rank min(shape)//4 on 2-D "
-              "weights only, update_proj_gap 200, scale 0.25. state = bytes of all tensors in optimizer.state after "
-              "training; state / AdamW = against 8 bytes per trainable element (torch AdamW's two fp32 moments). "
-              "time/step = median wall time of batch assembly + forward + backward + optimizer step, first "
-              f"{SKIP_STEPS} steps of each run excluded, seeds pooled; time / AdamW = ratio of those medians in "
-              "this invocation. peak RSS = ru_maxrss of the run's own process (the largest over seeds)."]
+        lines += [
+            "## Sweep: CoapAdamW on the UNet, rank ratio x update interval",
+            "",
+            "Reproject factor 5; ratios are relative to AdamW's result for the same seed.",
+            "",
+            *sweep_table(sweep_rows(results, args.sweep_seeds, args.steps["unet"])),
+            "",
+        ]
+    lines += [
+        "Notes: lr 2e-3 (Adam family: AdamW, CoapAdamW, CoapAdamW8bit, GaLoreAdamW, AdamW8bit; weight decay "
+        "0.05) and 1e-2 on the ResNet, 5e-3 on the UNet (Adafactor family: Adafactor, CoapAdafactor; no "
+        "weight decay; timm's Adafactor collapsed at 1e-2 on the UNet); COAP rank ratio 4, "
+        "update interval 32, reproject factor 5 (UNet: min_conv_numel=0); GaLore rank min(shape)//4 on 2-D "
+        "weights only, update_proj_gap 200, scale 0.25. state = bytes of all tensors in optimizer.state after "
+        "training; state / AdamW = against 8 bytes per trainable element (torch AdamW's two fp32 moments). "
+        "time/step = median wall time of batch assembly + forward + backward + optimizer step, first "
+        f"{SKIP_STEPS} steps of each run excluded, seeds pooled; time / AdamW = ratio of those medians in "
+        "this invocation. peak RSS = ru_maxrss of the run's own process (the largest over seeds)."
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -589,9 +692,19 @@ def write_outputs(results: list[dict], args: argparse.Namespace, env: dict[str, 
     out.mkdir(parents=True, exist_ok=True)
     text = markdown(results, args, env)
     (out / "quality.md").write_text(text)
-    settings = dict(tasks=args.tasks, methods=args.methods, seeds=args.seeds, steps=args.steps,
-                    sweep=args.sweep, sweep_seeds=args.sweep_seeds, unet_widths=list(UNET_WIDTHS), lr=LR,
-                    weight_decay=WEIGHT_DECAY, coap=COAP, galore=GALORE)
+    settings = dict(
+        tasks=args.tasks,
+        methods=args.methods,
+        seeds=args.seeds,
+        steps=args.steps,
+        sweep=args.sweep,
+        sweep_seeds=args.sweep_seeds,
+        unet_widths=list(UNET_WIDTHS),
+        lr=LR,
+        weight_decay=WEIGHT_DECAY,
+        coap=COAP,
+        galore=GALORE,
+    )
     sweep = sweep_rows(results, args.sweep_seeds, args.steps["unet"]) if args.sweep else []
     payload = dict(env, settings=settings, results=results, sweep=sweep)
     (out / "quality.json").write_text(json.dumps(payload, indent=1) + "\n")
@@ -620,8 +733,10 @@ def choice_list(valid: list[str]):
         bad = [v for v in values if v not in valid]
         if bad or not values:
             raise argparse.ArgumentTypeError(
-                f"Invalid choice(s): {bad or text!r} (expected some of {', '.join(valid)})")
+                f"Invalid choice(s): {bad or text!r} (expected some of {', '.join(valid)})"
+            )
         return values
+
     return parse
 
 
@@ -645,19 +760,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps-resnet", type=positive, default=None)
     p.add_argument("--steps-unet", type=positive, default=None)
     p.add_argument("--threads", type=positive, default=1, help="torch threads per run (default 1)")
-    p.add_argument("--jobs", type=positive, default=None,
-                   help="runs at a time (default 1; --quick: 2); above 1 the timings are not comparable")
-    p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=None,
-                   help="UNet CoapAdamW rank-ratio x update-interval sweep (default: on, off with --quick)")
+    p.add_argument(
+        "--jobs",
+        type=positive,
+        default=None,
+        help="runs at a time (default 1; --quick: 2); above 1 the timings are not comparable",
+    )
+    p.add_argument(
+        "--sweep",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="UNet CoapAdamW rank-ratio x update-interval sweep (default: on, off with --quick)",
+    )
     p.add_argument("--sweep-seeds", type=int_list, default=[0])
-    p.add_argument("--sweep-grid", choices=("full", "plus"), default="full",
-                   help="full: 3x3 ratio x interval grid; plus: each ratio at T_u 32, each interval at ratio 4")
+    p.add_argument(
+        "--sweep-grid",
+        choices=("full", "plus"),
+        default="full",
+        help="full: 3x3 ratio x interval grid; plus: each ratio at T_u 32, each interval at ratio 4",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     quick = QUICK_STEPS if args.quick else None
-    args.steps = {"resnet": args.steps_resnet or quick or TASKS["resnet"].steps,
-                  "unet": args.steps_unet or quick or TASKS["unet"].steps}
+    args.steps = {
+        "resnet": args.steps_resnet or quick or TASKS["resnet"].steps,
+        "unet": args.steps_unet or quick or TASKS["unet"].steps,
+    }
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     args.jobs = args.jobs or (2 if args.quick else 1)
     args.test_images = QUICK_EVAL_IMAGES if args.quick else None

@@ -4,6 +4,7 @@ Only torch is needed to import this package; the framework adapters and the trai
 import their frameworks lazily.
 """
 
+from .driver import RefreshDriver
 from .optim import (
     CoapAdafactor,
     CoapAdafactor8bit,
@@ -18,6 +19,8 @@ from .optim.registry import install_timm_hook
 from .policy import CoapPolicy, LayerRoute
 from .projection import MatrixProjector, Tucker2Projector, build_projector
 from .schedule import ProjectionSchedule
+from .settings import CoapSettings
+from .translate import build_optimizer, rebind_lr_scheduler, translate_optimizer
 
 __version__ = "0.1.0"
 
@@ -28,14 +31,19 @@ __all__ = [
     "CoapAdamW8bit",
     "CoapOptimizer",
     "CoapPolicy",
+    "CoapSettings",
     "LayerRoute",
     "MatrixProjector",
     "ProjectionSchedule",
+    "RefreshDriver",
     "Tucker2Projector",
+    "build_optimizer",
     "build_projector",
     "create_optimizer",
     "get_optimizer_class",
+    "rebind_lr_scheduler",
     "register_timm",
+    "translate_optimizer",
 ]
 
 # timm users get the four names in timm's optimizer factory without an extra call, whatever the

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "SettingError",
     "check_lr",
     "check_min_numel",
     "check_nonnegative",
@@ -16,6 +17,16 @@ __all__ = [
     "check_ratio",
     "conv_ratio_alias",
 ]
+
+
+class SettingError(ValueError):
+    """An invalid setting: the message reads ``Invalid <key>: <reason>``, and ``key`` and
+    ``reason`` carry the two parts as data (the YAML runner prefixes the key with its section)."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"Invalid {key}: {reason}")
+        self.key = key
+        self.reason = reason
 
 
 def _is_number(value: Any) -> bool:
@@ -51,7 +62,8 @@ def conv_ratio_alias(rank_ratio_conv: Any, rank_ratio_cnn: Any) -> Any:
         return rank_ratio_conv
     if rank_ratio_conv is not None and rank_ratio_conv != rank_ratio_cnn:
         raise ValueError(
-            f"Conflicting settings: rank_ratio_conv={rank_ratio_conv!r} and its alias rank_ratio_cnn={rank_ratio_cnn!r}; "
+            f"Conflicting settings: rank_ratio_conv={rank_ratio_conv!r} and its alias "
+            f"rank_ratio_cnn={rank_ratio_cnn!r}; "
             "give one of them"
         )
     return rank_ratio_cnn
@@ -59,22 +71,71 @@ def conv_ratio_alias(rank_ratio_conv: Any, rank_ratio_cnn: Any) -> Any:
 
 def check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= 1)")
+        raise SettingError(name, f"{value!r} (must be an integer >= 1)")
     return value
 
 
 def check_rank(value: Any) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"Invalid rank: {value!r} (must be an integer >= 1, or None)")
+        raise SettingError("rank", f"{value!r} (must be an integer >= 1, or None)")
 
 
 def check_ratio(name: str, value: Any) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value < math.inf:
-        raise ValueError(f"Invalid {name}: {value!r} (must be a finite number >= 1, or None)")
+        raise SettingError(name, f"{value!r} (must be a finite number >= 1, or None)")
 
 
 def check_min_numel(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= 0)")
+        raise SettingError(name, f"{value!r} (must be an integer >= 0)")
+
+
+# -- COAP group settings (the optimizers' param groups) ------------------------------------------
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise SettingError(name, f"{value!r} (must be True or False)")
+
+
+def check_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SettingError(name, f"{value!r} (must be an integer)")
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    """One of a few fixed strings; the message quotes them (``'a' or 'b'``, ``'a', 'b' or 'c'``)."""
+    if value not in choices:
+        quoted = [repr(c) for c in choices]
+        expected = quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
+        raise SettingError(name, f"{value!r} (expected {expected})")
+
+
+def check_projection(kinds: Any, n_params: int, allowed: tuple[str, ...]) -> None:
+    """A group's ``projection``: one kind for the group, or a list with one kind per parameter."""
+    if isinstance(kinds, str):
+        kinds = [kinds]
+    elif isinstance(kinds, (list, tuple)):
+        if len(kinds) != n_params:
+            raise SettingError(
+                "projection",
+                f"a list of {len(kinds)} kinds for a group of {n_params} parameters "
+                "(give one kind per parameter, or one string for the whole group)",
+            )
+    else:
+        raise SettingError("projection", f"{kinds!r} (expected a kind or a list of kinds)")
+    for kind in kinds:
+        if kind not in allowed:
+            raise SettingError("projection kind", f"{kind!r} (expected one of {', '.join(allowed)})")
+
+
+def check_projection_reasons(reasons: Any, n_params: int) -> None:
+    """A group's ``projection_reasons`` (written by a CoapPolicy): one plain string per parameter,
+    so that checkpoints keep loading with ``torch.load(weights_only=True)``."""
+    if not (isinstance(reasons, (list, tuple)) and all(isinstance(r, str) for r in reasons)):
+        raise SettingError("projection_reasons", f"{reasons!r} (expected a list of strings)")
+    if len(reasons) != n_params:
+        raise SettingError(
+            "projection_reasons",
+            f"{len(reasons)} reasons for a group of {n_params} parameters (give one per parameter)",
+        )

@@ -3,13 +3,13 @@
 Runs ``python -m coap_plugins.demo`` (``--help`` for options):
 
 1. writes the digits webdataset shards (once, into the data cache);
-2. trains the recipe ``yamls/<trainer>/resnet18_digits_adamw.yaml`` (the AdamW baseline) and
-   ``yamls/<trainer>/resnet18_digits.yaml`` (the same recipe with CoapAdamW), same seed, same
-   batches;
+2. trains the packaged recipe ``<trainer>/resnet18_digits_adamw`` (the AdamW baseline) and
+   ``<trainer>/resnet18_digits`` (the same recipe with CoapAdamW), same seed, same batches;
 3. prints the side-by-side table (accuracy, eval loss, optimizer-state bytes, throughput, wall
    time) and writes ``comparison.md`` and ``comparison.png`` next to the two run folders.
 
-Nothing is downloaded.  The recipes come from the source checkout's ``yamls/`` folder.
+Nothing is downloaded.  The recipes are package data (:mod:`coap_plugins.recipes`), so the demo
+runs from an installed wheel (``pip install 'coap-plugins[all]'``) as from a source checkout.
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .recipes import RECIPES_DIR, recipe_path
+
 __all__ = ["RECIPES", "main", "parse_args", "run_demo"]
 
-RECIPES = Path(__file__).resolve().parents[1] / "yamls"
-_RUNS = (("adamw", "resnet18_digits_adamw.yaml"), ("coap", "resnet18_digits.yaml"))
+RECIPES = RECIPES_DIR  # the packaged recipes' folder (``<trainer>/<name>.yaml``)
+_RUNS = (("adamw", "resnet18_digits_adamw"), ("coap", "resnet18_digits"))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -34,13 +36,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="python -m coap_plugins.demo",
         description="Train ResNet-18 on scikit-learn's digits with AdamW and with CoapAdamW (coap-train recipes).",
     )
-    parser.add_argument("--out", default="runs/demo", help="folder of the two runs and the comparison (default runs/demo)")
-    parser.add_argument("--trainer", choices=("composer", "lightning"), default="composer",
-                        help="which recipes to run (default composer)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's choice; 1 is steadier on a busy machine)")
-    parser.add_argument("overrides", nargs="*", metavar="dotted.key=value",
-                        help="recipe overrides for both runs, e.g. max_duration=2ep")
+    parser.add_argument(
+        "--out", default="runs/demo", help="folder of the two runs and the comparison (default runs/demo)"
+    )
+    parser.add_argument(
+        "--trainer",
+        choices=("composer", "lightning"),
+        default="composer",
+        help="which recipes to run (default composer)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's choice; 1 is steadier on a busy machine)",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="dotted.key=value", help="recipe overrides for both runs, e.g. max_duration=2ep"
+    )
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error(f"argument --threads: invalid value {args.threads} (must be >= 1)")
@@ -59,9 +72,7 @@ def run_demo(args: argparse.Namespace) -> tuple[Path, Path, list[dict[str, Any]]
     out = Path(args.out)
     configs, commands = [], []
     for label, recipe in _RUNS:
-        path = RECIPES / args.trainer / recipe
-        if not path.is_file():
-            raise FileNotFoundError(f"Recipe not found: {path} (the demo runs from a source checkout of coap-plugins)")
+        path = recipe_path(f"{args.trainer}/{recipe}")
         overrides = [f"output_dir={out / label}", "progress_bar=false", "checkpoint.interval=null", *args.overrides]
         if args.threads is not None:
             overrides.append(f"threads={args.threads}")

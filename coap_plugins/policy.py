@@ -12,10 +12,12 @@ from torch import nn
 
 from ._checks import check_min_numel, check_rank, check_ratio
 from .projection import DEFAULT_MIN_CONV_NUMEL, Projector, build_projector
+from .projection.routing import PROJECTION_REASONS
 
 __all__ = ["CoapPolicy", "LayerRoute"]
 
 _POLICY_KINDS = ("matrix", "tucker2", "none")
+_NOT_IN_MODEL = "full rank: not a parameter of the model the policy routed"
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,8 @@ class CoapPolicy:
                 raise ValueError(f"Invalid module type in module_kinds: {mtype!r} (expected an nn.Module subclass)")
             if kind not in _POLICY_KINDS:
                 raise ValueError(
-                    f"Invalid projector kind for {mtype.__name__}: {kind!r} (expected one of {', '.join(_POLICY_KINDS)})"
+                    f"Invalid projector kind for {mtype.__name__}: {kind!r} "
+                    f"(expected one of {', '.join(_POLICY_KINDS)})"
                 )
         if isinstance(exclude, str):
             exclude = [exclude]
@@ -108,7 +111,11 @@ class CoapPolicy:
         Settings left at ``None`` are not written, so the optimizer's own arguments apply to
         them; the size floor is the policy's own business (it is applied while routing).
         """
-        settings = {"rank": self.rank, "rank_ratio_matrix": self.rank_ratio_matrix, "rank_ratio_conv": self.rank_ratio_conv}
+        settings = {
+            "rank": self.rank,
+            "rank_ratio_matrix": self.rank_ratio_matrix,
+            "rank_ratio_conv": self.rank_ratio_conv,
+        }
         return {k: v for k, v in settings.items() if v is not None}
 
     def _kind_for(self, module: nn.Module) -> str | None:
@@ -136,15 +143,17 @@ class CoapPolicy:
             kind = self._kind_for(module) if attr == "weight" else None
             pattern = self._excluded_by(name, mod_name)
             if kind is None or kind == "none":
-                why = f"{type(module).__name__}.{attr} is not mapped to a projector" if kind is None else f"{type(module).__name__} mapped to 'none'"
+                why = (
+                    f"{type(module).__name__}.{attr} is not mapped to a projector"
+                    if kind is None
+                    else f"{type(module).__name__} mapped to 'none'"
+                )
                 proj, reason = None, why
             elif pattern is not None:
                 proj, reason = None, f"excluded by pattern {pattern!r}"
             elif p.numel() < self.min_numel:
                 proj, reason = None, f"{p.numel()} < min_numel={self.min_numel} elements"
-            elif kind == "tucker2" and p.ndim == 4 and p.numel() <= self.min_conv_numel:
-                proj, reason = None, f"conv with {p.numel()} <= min_conv_numel={self.min_conv_numel} elements"
-            else:
+            else:  # the shape rules (size floor, ranks, memory) are the optimizer's own
                 proj, reason = build_projector(
                     shape,
                     kind,
@@ -152,6 +161,7 @@ class CoapPolicy:
                     rank_ratio_matrix=self.rank_ratio_matrix,
                     rank_ratio_conv=self.rank_ratio_conv,
                     min_conv_numel=self.min_conv_numel,
+                    floor_tucker2=True,
                 )
             routes.append(
                 LayerRoute(
@@ -165,15 +175,15 @@ class CoapPolicy:
             )
         return routes
 
-    def param_groups(
-        self, model: nn.Module, base_groups: Iterable[Any] | None = None
-    ) -> list[dict[str, Any]]:
+    def param_groups(self, model: nn.Module, base_groups: Iterable[Any] | None = None) -> list[dict[str, Any]]:
         """COAP param groups one-to-one with ``base_groups`` (same order, same hyperparameters).
 
         Each returned group keeps every key of its base group (lr, betas, eps, weight decay,
         any extra key), lists its parameters as ``(name, tensor)`` pairs in the same order, and
-        adds ``projection`` (one kind per parameter) and the rank settings this policy was given
-        (those left at ``None`` come from the optimizer's arguments).  Keeping
+        adds ``projection`` (one kind per parameter), ``projection_reasons`` (why, one plain
+        string per parameter: the optimizer reports it for the parameters this policy keeps full
+        rank, see :meth:`~coap_plugins.CoapOptimizer.routing`) and the rank settings this policy
+        was given (those left at ``None`` come from the optimizer's arguments).  Keeping
         the groups one-to-one is what keeps LR schedulers bound by position (``LambdaLR``'s
         ``base_lrs``) pairing with the right group after an optimizer swap.
 
@@ -197,24 +207,29 @@ class CoapPolicy:
         out = []
         for gi, group in enumerate(groups):
             if not isinstance(group, Mapping) or "params" not in group:
-                raise ValueError(f"Invalid base_groups[{gi}]: expected a dict with a 'params' list, got {type(group).__name__}")
+                raise ValueError(
+                    f"Invalid base_groups[{gi}]: expected a dict with a 'params' list, got {type(group).__name__}"
+                )
             params = group["params"]
             params = [params] if isinstance(params, torch.Tensor) else list(params)
-            named, kinds = [], []
+            named, kinds, reasons = [], [], []
             for pi, item in enumerate(params):
                 p = item[1] if isinstance(item, tuple) else item
                 route = routes.get(id(p))
                 if route is None:
                     name = item[0] if isinstance(item, tuple) else f"group{gi}.param{pi}"
                     kinds.append("none")
+                    reasons.append(_NOT_IN_MODEL)
                 else:
                     name = route.name
                     kinds.append(route.kind)
+                    reasons.append(route.reason)
                 named.append((name, p))
             new = {k: v for k, v in group.items() if k not in ("params", "param_names")}
             new.update(self.group_settings)
             new["params"] = named
             new["projection"] = kinds
+            new[PROJECTION_REASONS] = reasons
             out.append(new)
         return out
 

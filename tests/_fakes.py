@@ -32,7 +32,9 @@ def write_fake_cifar(folder: Path, per_batch: int = 4) -> dict[str, tuple[np.nda
         batches[name] = (data, labels)
         with (folder / name).open("wb") as f:
             pickle.dump({b"batch_label": name.encode(), b"data": data, b"labels": labels}, f)
-    names = [n.encode() for n in ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]]
+    names = [
+        n.encode() for n in ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    ]
     with (folder / "batches.meta").open("wb") as f:
         pickle.dump({b"label_names": names, b"num_vis": 3072}, f)
     return batches

@@ -134,7 +134,9 @@ def test_exact_resume_across_refreshes(cls, restore_state, tmp_path):
     run(opt2, fresh, 4, 9)
     for k in SHAPES:
         assert torch.equal(fresh[k], ref[k]), k
-    quantized = [k for st in opt2.state.values() for k, v in st.items() if isinstance(v, torch.Tensor) and v.dtype == torch.uint8]
+    quantized = [
+        k for st in opt2.state.values() for k, v in st.items() if isinstance(v, torch.Tensor) and v.dtype == torch.uint8
+    ]
     assert len(quantized) >= 5
 
 
@@ -235,7 +237,7 @@ def test_registry_names():
 
 
 def test_timm_factory_builds_coap_optimizers_by_name():
-    timm = pytest.importorskip("timm")
+    pytest.importorskip("timm")
     import timm.optim
 
     from coap_plugins import register_timm
@@ -243,8 +245,29 @@ def test_timm_factory_builds_coap_optimizers_by_name():
     register_timm()
     register_timm()  # twice is harmless
     model = timm.create_model("resnet18", num_classes=10)
-    for name, cls in [("coap_adamw", CoapAdamW), ("coap_adamw8bit", CoapAdamW8bit), ("coap_adafactor", CoapAdafactor), ("coap_adafactor8bit", CoapAdafactor8bit)]:
+    for name, cls in [
+        ("coap_adamw", CoapAdamW),
+        ("coap_adamw8bit", CoapAdamW8bit),
+        ("coap_adafactor", CoapAdafactor),
+        ("coap_adafactor8bit", CoapAdafactor8bit),
+    ]:
         opt = timm.optim.create_optimizer_v2(model, name, lr=1e-3, weight_decay=0.05)
         assert type(opt) is cls, name
         assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.05]  # timm's decay split kept
     assert type(timm.optim.create_optimizer_v2(model, "adamw", lr=1e-3)) is torch.optim.AdamW
+
+
+@pytest.mark.parametrize("cls", [CoapAdamW8bit, CoapAdafactor8bit])
+def test_each_optimizer_names_its_nonnegative_moments_for_the_unsigned_code_map(cls):
+    # the code map follows what the optimizer declares, not the spelling of a key; every second
+    # moment it allocates is declared (the state_dict format is what it always was)
+    params = make_params()
+    opt = make_opt(cls, params)
+    run(opt, params, 0, 1)
+    storage = opt._storage
+    assert storage.nonnegative == cls.nonnegative_moments
+    keys = {k for st in opt.state.values() for k in st if k.startswith("exp_avg") and not k.endswith("_absmax")}
+    assert {k for k in keys if k.startswith("exp_avg_sq")} <= cls.nonnegative_moments
+    for k in keys:
+        assert storage._signed(k) == (k not in cls.nonnegative_moments)
+    assert "exp_avg" not in cls.nonnegative_moments

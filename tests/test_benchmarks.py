@@ -14,14 +14,26 @@ def test_optimizer_step_quick_prints_every_row_and_target(tmp_path):
     out = tmp_path / "bench.md"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "optimizer_step.py"), "--quick", "--out", str(out)],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr
     text = out.read_text()
     assert text == proc.stdout
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| shape")]
     names = [row.split("|")[1].strip() for row in rows]
-    assert names == ["1024x1024", "4096x1024", "1024x4096", "768x3072", "128x64x3x3", "256x256x3x3", "512x512x3x3", "256x1024x1x1"]
+    assert names == [
+        "1024x1024",
+        "4096x1024",
+        "1024x4096",
+        "768x3072",
+        "128x64x3x3",
+        "256x256x3x3",
+        "512x512x3x3",
+        "256x1024x1x1",
+    ]
     # state ratios are exact byte counts: 3 MiB of 8 for 1024x1024 at rank 256 (2*1024*256 + 1024*256 floats)
     assert "3.00 / 8.00 (0.375)" in rows[0]
     assert text.count("-> PASS") + text.count("-> MISS") + text.count("-> SKIPPED") == 7

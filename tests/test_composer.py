@@ -66,13 +66,21 @@ def test_swap_keeps_groups_and_hyperparameters(digits):
     rest = [p for n, p in model.named_parameters() if p.ndim <= 1]
     opt = torch.optim.AdamW(
         [{"params": convs, "lr": 3e-3, "weight_decay": 0.1, "tag": "weights"}, {"params": rest, "weight_decay": 0.0}],
-        lr=1e-3, betas=(0.8, 0.95), eps=1e-7,
+        lr=1e-3,
+        betas=(0.8, 0.95),
+        eps=1e-7,
     )
     trainer = make_trainer(digits, model=model, optimizer=opt)
     new = trainer.state.optimizers[0]
     assert type(new) is CoapAdamW
     g0, g1 = new.param_groups
-    assert (g0["lr"], g0["weight_decay"], g0["tag"], g0["betas"], g0["eps"]) == (3e-3, 0.1, "weights", (0.8, 0.95), 1e-7)
+    assert (g0["lr"], g0["weight_decay"], g0["tag"], g0["betas"], g0["eps"]) == (
+        3e-3,
+        0.1,
+        "weights",
+        (0.8, 0.95),
+        1e-7,
+    )
     assert (g1["lr"], g1["weight_decay"]) == (1e-3, 0.0)
     assert [id(p) for p in g0["params"]] == [id(p) for p in convs]
     assert [id(p) for p in g1["params"]] == [id(p) for p in rest]
@@ -105,12 +113,18 @@ def test_composer_and_torch_schedulers_drive_the_new_optimizer(digits):
     # AdamW run shows the same sequence.
     expected = [2e-3, 2e-3, 1.8e-3, 1.6e-3]
     plain = LrRecorder()
-    make_trainer(digits, schedulers=LinearScheduler(alpha_i=1.0, alpha_f=0.0, t_max="10ba"), max_duration="4ba",
-                 callbacks=[plain], algorithms=[]).fit()
+    make_trainer(
+        digits,
+        schedulers=LinearScheduler(alpha_i=1.0, alpha_f=0.0, t_max="10ba"),
+        max_duration="4ba",
+        callbacks=[plain],
+        algorithms=[],
+    ).fit()
     assert plain.lrs == pytest.approx(expected)
     rec = LrRecorder()
-    trainer = make_trainer(digits, schedulers=LinearScheduler(alpha_i=1.0, alpha_f=0.0, t_max="10ba"),
-                           max_duration="4ba", callbacks=[rec])
+    trainer = make_trainer(
+        digits, schedulers=LinearScheduler(alpha_i=1.0, alpha_f=0.0, t_max="10ba"), max_duration="4ba", callbacks=[rec]
+    )
     assert isinstance(trainer.state.optimizers[0], CoapAdamW)
     trainer.fit()
     assert rec.lrs == pytest.approx(expected)
@@ -120,8 +134,15 @@ def test_composer_and_torch_schedulers_drive_the_new_optimizer(digits):
     user_opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(user_opt, lambda s: 0.5**s)
     rec = LrRecorder()
-    trainer = make_trainer(digits, model=model, optimizer=user_opt, schedulers=sched, max_duration="4ba",
-                           step_schedulers_every_batch=True, callbacks=[rec])
+    trainer = make_trainer(
+        digits,
+        model=model,
+        optimizer=user_opt,
+        schedulers=sched,
+        max_duration="4ba",
+        step_schedulers_every_batch=True,
+        callbacks=[rec],
+    )
     opt = trainer.state.optimizers[0]
     assert sched.optimizer is opt
     with warnings.catch_warnings():
@@ -183,7 +204,10 @@ def test_fsdp_is_refused(digits):
         (dict(weight_decay=math.inf), r"^Invalid weight_decay: inf \(must be a finite number >= 0\)$"),
         (dict(weight_decay=-0.1), r"^Invalid weight_decay: -0.1 "),
         (dict(eps=math.nan), r"^Invalid eps: nan \(must be a finite number >= 0\)$"),
-        (dict(betas=(0.9, math.nan)), r"^Invalid betas: \(0.9, nan\) \(must be a pair of finite numbers in \[0, 1\)\)$"),
+        (
+            dict(betas=(0.9, math.nan)),
+            r"^Invalid betas: \(0.9, nan\) \(must be a pair of finite numbers in \[0, 1\)\)$",
+        ),
         (dict(betas=(1.0, 0.999)), r"^Invalid betas: \(1.0, 0.999\)"),
         (dict(betas=0.9), r"^Invalid betas: 0.9 "),
         (dict(rank_ratio_cnn=0.5), r"^Invalid rank_ratio_cnn: 0.5"),
@@ -216,7 +240,9 @@ def test_rank_ratio_cnn_is_an_alias_of_rank_ratio_conv(digits):
     assert routed != _routing(make_trainer(digits, algorithms=[CoapAlgorithm()]))  # default ratio 4: other ranks
     assert any("Tucker2Projector" in proj for _, _, proj in routed)
     assert CoapAlgorithm(rank_ratio_cnn=2, rank_ratio_conv=2).settings.rank_ratio_conv == 2
-    with pytest.raises(ValueError, match=r"^Conflicting settings: rank_ratio_cnn=2 and rank_ratio_conv=4 \(.*alias.*\)$"):
+    with pytest.raises(
+        ValueError, match=r"^Conflicting settings: rank_ratio_cnn=2 and rank_ratio_conv=4 \(.*alias.*\)$"
+    ):
         CoapAlgorithm(rank_ratio_cnn=2, rank_ratio_conv=4)
 
 
@@ -241,8 +267,13 @@ def test_functional_form_and_lazy_import():
 def test_refreshes_follow_schedule_and_are_logged(digits):
     mem = InMemoryLogger()
     algo = CoapAlgorithm(update_interval=2, reproject_factor=2)
-    trainer = make_trainer(digits, algorithms=[algo], max_duration="12ba", loggers=[mem],
-                           callbacks=[OptimizerMonitor(batch_log_interval=1)])
+    trainer = make_trainer(
+        digits,
+        algorithms=[algo],
+        max_duration="12ba",
+        loggers=[mem],
+        callbacks=[OptimizerMonitor(batch_log_interval=1)],
+    )
     losses = []
 
     class Loss(Callback):
@@ -251,12 +282,25 @@ def test_refreshes_follow_schedule_and_are_logged(digits):
 
     trainer.state.callbacks.append(Loss())
     trainer.fit()
-    assert algo.refreshes == [(2, "correlation"), (4, "svd"), (6, "correlation"), (8, "svd"), (10, "correlation"), (12, "svd")]
+    assert algo.refreshes == [
+        (2, "correlation"),
+        (4, "svd"),
+        (6, "correlation"),
+        (8, "svd"),
+        (10, "correlation"),
+        (12, "svd"),
+    ]
     opt = trainer.state.optimizers[0]
     steps = {e["last_refresh_step"] for e in opt.coap_report()["layers"] if "last_refresh_step" in e}
     assert steps == {12}  # every projected layer refreshed on the algorithm's last refresh step
-    for key in ("coap/state_bytes", "coap/full_rank_state_bytes", "coap/state_ratio", "coap/reconstruction_error",
-                "coap/cosine", "coap/refresh_seconds"):
+    for key in (
+        "coap/state_bytes",
+        "coap/full_rank_state_bytes",
+        "coap/state_ratio",
+        "coap/reconstruction_error",
+        "coap/cosine",
+        "coap/refresh_seconds",
+    ):
         values = [float(v) for _, v in mem.data[key]]
         assert values and all(math.isfinite(v) for v in values), key
     assert len(mem.data["coap/state_ratio"]) == 6 and len(mem.data["coap/cosine"]) == 3
@@ -265,7 +309,9 @@ def test_refreshes_follow_schedule_and_are_logged(digits):
     # ... and reports COAP's per-parameter numbers through the optimizer's hook
     conv = "module.features.8.weight"
     assert f"coap/state_bytes/{conv}" in mem.data and f"coap/reconstruction_error/{conv}" in mem.data
-    assert int(mem.data[f"coap/state_bytes/{conv}"][-1][1]) == opt.state_bytes(dict(trainer.state.model.named_parameters())[conv])
+    assert int(mem.data[f"coap/state_bytes/{conv}"][-1][1]) == opt.state_bytes(
+        dict(trainer.state.model.named_parameters())[conv]
+    )
     routing = {k: v for k, v in mem.hyperparameters.items() if k.startswith("coap/routing/")}
     assert any("tucker2" in v for v in routing.values()) and any("full rank" in v for v in routing.values())
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2
@@ -295,9 +341,14 @@ def test_unet_trains(digits):
     torch.manual_seed(0)
     model = TinyUNet()
     mem = InMemoryLogger()
-    trainer = make_trainer(digits, model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=3e-3),
-                           algorithms=[CoapAlgorithm(update_interval=3, reproject_factor=2)],
-                           max_duration="12ba", loggers=[mem])
+    trainer = make_trainer(
+        digits,
+        model=model,
+        optimizer=torch.optim.AdamW(model.parameters(), lr=3e-3),
+        algorithms=[CoapAlgorithm(update_interval=3, reproject_factor=2)],
+        max_duration="12ba",
+        loggers=[mem],
+    )
     trainer.fit()
     loss = [float(v) for _, v in mem.data["loss/train/total"]]
     assert sum(loss[-3:]) / 3 < 0.7 * sum(loss[:3]) / 3
@@ -324,8 +375,13 @@ def _resume_run(digits, tmp_path, eight_bit=False, autoresume=False):
     if autoresume:
         second = make_trainer(digits, model=make_model(seed=1), algorithms=[algo()], max_duration="6ba", **kw)
     else:
-        second = make_trainer(digits, model=make_model(seed=1), algorithms=[algo()], max_duration="6ba",
-                              load_path=str(tmp_path / "ckpt" / "ba3.pt"))
+        second = make_trainer(
+            digits,
+            model=make_model(seed=1),
+            algorithms=[algo()],
+            max_duration="6ba",
+            load_path=str(tmp_path / "ckpt" / "ba3.pt"),
+        )
     assert int(second.state.timestamp.batch) == 3
     algo2 = second.state.algorithms[0]
     assert algo2.steps == 3
@@ -355,16 +411,27 @@ def test_exact_resume_autoresume(digits, tmp_path):
 
 
 def test_foreign_checkpoint_is_refused_or_fresh(digits, tmp_path):
-    first = make_trainer(digits, algorithms=[], max_duration="3ba", save_folder=str(tmp_path), save_interval="3ba",
-                         save_filename="ba{batch}.pt")
+    first = make_trainer(
+        digits,
+        algorithms=[],
+        max_duration="3ba",
+        save_folder=str(tmp_path),
+        save_interval="3ba",
+        save_filename="ba{batch}.pt",
+    )
     first.fit()
     first.close()
     path = str(tmp_path / "ba3.pt")
     with pytest.raises(ValueError, match="written without CoapAlgorithm.*on_foreign_checkpoint='fresh'"):
         make_trainer(digits, max_duration="6ba", load_path=path)
     mem = InMemoryLogger()
-    second = make_trainer(digits, max_duration="6ba", load_path=path, loggers=[mem],
-                          algorithms=[CoapAlgorithm(update_interval=2, on_foreign_checkpoint="fresh")])
+    second = make_trainer(
+        digits,
+        max_duration="6ba",
+        load_path=path,
+        loggers=[mem],
+        algorithms=[CoapAlgorithm(update_interval=2, on_foreign_checkpoint="fresh")],
+    )
     assert mem.hyperparameters["coap/fresh_start"] is True
     second.fit()
     assert second.state.algorithms[0].refreshes == [(2, "correlation")]
@@ -372,13 +439,18 @@ def test_foreign_checkpoint_is_refused_or_fresh(digits, tmp_path):
 
 def test_checkpoint_with_other_coap_optimizer_is_refused(digits, tmp_path):
     pytest.importorskip("bitsandbytes")
-    first = make_trainer(digits, max_duration="3ba", save_folder=str(tmp_path), save_interval="3ba",
-                         save_filename="ba{batch}.pt")
+    first = make_trainer(
+        digits, max_duration="3ba", save_folder=str(tmp_path), save_interval="3ba", save_filename="ba{batch}.pt"
+    )
     first.fit()
     first.close()
     with pytest.raises(ValueError, match=r"written with COAP optimizer\(s\) \['CoapAdamW'\].*\['CoapAdamW8bit'\]"):
-        make_trainer(digits, max_duration="6ba", load_path=str(tmp_path / "ba3.pt"),
-                     algorithms=[CoapAlgorithm(update_interval=2, reproject_factor=2, eight_bit=True)])
+        make_trainer(
+            digits,
+            max_duration="6ba",
+            load_path=str(tmp_path / "ba3.pt"),
+            algorithms=[CoapAlgorithm(update_interval=2, reproject_factor=2, eight_bit=True)],
+        )
 
 
 # -- gradient accumulation -------------------------------------------------------------------
@@ -386,9 +458,17 @@ def test_gradient_accumulation_refreshes_once_per_step(digits):
     # no BatchNorm: microbatches must not change the forward pass, only how the gradient is summed
     def net():
         torch.manual_seed(0)
-        body = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, stride=2, padding=1),
-                             nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(256, 64), nn.ReLU(),
-                             nn.Linear(64, 10))
+        body = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(256, 64),
+            nn.ReLU(),
+            nn.Linear(64, 10),
+        )
         return ComposerClassifier(body, num_classes=10)
 
     runs = {}
@@ -398,8 +478,9 @@ def test_gradient_accumulation_refreshes_once_per_step(digits):
         # eps well above float noise: Adam's first steps are ~lr * sign(g), which turns the rounding
         # differences of near-zero gradient entries (summed in another order) into lr-sized ones
         opt = torch.optim.AdamW(model.parameters(), lr=2e-3, eps=1e-4)
-        t = make_trainer(digits, model=model, optimizer=opt, algorithms=[algo], max_duration="6ba",
-                         device_train_microbatch_size=mb)
+        t = make_trainer(
+            digits, model=model, optimizer=opt, algorithms=[algo], max_duration="6ba", device_train_microbatch_size=mb
+        )
         t.fit()
         runs[mb] = (algo.refreshes, params(t))
     assert runs[BATCH][0] == runs[BATCH // 4][0] == [(2, "correlation"), (4, "svd"), (6, "correlation")]
@@ -424,7 +505,16 @@ def test_ddp_two_cpu_processes_keep_parameters_and_projectors_identical(tmp_path
 
     script = Path(__file__).parent / "scripts" / "ddp_composer.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
@@ -441,7 +531,6 @@ def test_ddp_two_cpu_processes_keep_parameters_and_projectors_identical(tmp_path
     # DDP wraps the model: "module.module.features.0.weight" is "module.features.0.weight" here
     moved = [k for k, v in r0["params"].items() if not torch.equal(v, start[k.removeprefix("module.")])]
     assert len(moved) == len(r0["params"]) == len(start)  # every parameter trained
-
 
 
 def test_adam_and_adafactor_translate(digits):
@@ -468,7 +557,13 @@ def test_adam_and_adafactor_translate(digits):
     model = make_model()
     fac = timm_optim.Adafactor(model.parameters(), lr=1e-2, betas=(0.8, 0.999), eps_scale=2e-3, weight_decay=0.01)
     g = make_trainer(digits, model=model, optimizer=fac).state.optimizers[0].param_groups[0]
-    assert (g["lr"], g["beta1"], g["eps"], g["relative_step"], g["weight_decay"]) == (1e-2, 0.8, (1e-30, 2e-3), False, 0.01)
+    assert (g["lr"], g["beta1"], g["eps"], g["relative_step"], g["weight_decay"]) == (
+        1e-2,
+        0.8,
+        (1e-30, 2e-3),
+        False,
+        0.01,
+    )
     assert g["scale_parameter"] is False  # timm scales by the parameter's RMS only with relative_step
     assert not {"betas", "eps_scale", "min_dim_size_to_factor", "caution"} & g.keys()
     model = make_model()
@@ -482,9 +577,14 @@ def test_timm_resnet_trains_and_logs(digits):
     net = timm.create_model("resnet18", num_classes=10, in_chans=1)
     model = ComposerClassifier(net, num_classes=10)
     mem = InMemoryLogger()
-    trainer = make_trainer(digits, model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
-                           algorithms=[CoapAlgorithm(rank_ratio_conv=4, update_interval=2, reproject_factor=2, exclude=["*fc*"])],
-                           max_duration="8ba", loggers=[mem])
+    trainer = make_trainer(
+        digits,
+        model=model,
+        optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
+        algorithms=[CoapAlgorithm(rank_ratio_conv=4, update_interval=2, reproject_factor=2, exclude=["*fc*"])],
+        max_duration="8ba",
+        loggers=[mem],
+    )
     trainer.fit()
     loss = [float(v) for _, v in mem.data["loss/train/total"]]
     assert sum(loss[-2:]) / 2 < sum(loss[:2]) / 2
@@ -585,8 +685,12 @@ class WrapOptimizers(Algorithm):
 def test_refresh_of_a_skipped_step_is_not_reported_and_does_not_run_later(digits):
     rec = ProjectorRecorder()
     algo = CoapAlgorithm(update_interval=2, reproject_factor=2)
-    trainer = make_trainer(digits, algorithms=[algo, WrapOptimizers(lambda o: SkipStepOptimizer(o, skip={4}))],
-                           callbacks=[rec], max_duration="6ba")
+    trainer = make_trainer(
+        digits,
+        algorithms=[algo, WrapOptimizers(lambda o: SkipStepOptimizer(o, skip={4}))],
+        callbacks=[rec],
+        max_duration="6ba",
+    )
     trainer.fit()
     assert algo.refreshes == [(2, "correlation"), (6, "correlation")]  # the svd of step 4 never ran
     snaps = rec.after
@@ -599,8 +703,13 @@ def test_refresh_of_a_skipped_step_is_not_reported_and_does_not_run_later(digits
 
 def test_no_coap_optimizer_left_is_an_error(digits):
     # an algorithm that rebuilds the optimizer after the swap: no projector would ever be refreshed
-    trainer = make_trainer(digits, algorithms=[CoapAlgorithm(update_interval=2),
-                                               WrapOptimizers(lambda o: torch.optim.AdamW(o.param_groups[0]["params"]))])
+    trainer = make_trainer(
+        digits,
+        algorithms=[
+            CoapAlgorithm(update_interval=2),
+            WrapOptimizers(lambda o: torch.optim.AdamW(o.param_groups[0]["params"])),
+        ],
+    )
     with pytest.raises(RuntimeError, match=r"found no COAP optimizer in state.optimizers \(AdamW\).*base_optimizer"):
         trainer.fit()
 
@@ -610,9 +719,19 @@ def _strided_net():
     # no BatchNorm (exact comparisons); both strided convs have 32+ input channels (BlurPool
     # replaces them) and more than min_conv_numel elements (Tucker-2)
     torch.manual_seed(0)
-    body = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
-                         nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-                         nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 10))
+    body = nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(64, 64, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(256, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
+    )
     return ComposerClassifier(body, num_classes=10)
 
 
@@ -629,7 +748,9 @@ def test_module_surgery_before_or_after_coap(digits, surgery):
     from composer.algorithms import BlurPool, ChannelsLast
 
     def surgeries():
-        return {"blurpool": [BlurPool()], "channels_last": [ChannelsLast()], "both": [BlurPool(), ChannelsLast()]}[surgery]
+        return {"blurpool": [BlurPool()], "channels_last": [ChannelsLast()], "both": [BlurPool(), ChannelsLast()]}[
+            surgery
+        ]
 
     runs = {}
     for order in ("coap_first", "coap_last"):
@@ -638,9 +759,14 @@ def test_module_surgery_before_or_after_coap(digits, surgery):
         rec = LossRecorder()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # BlurPool: "no MaxPool2d found" and the like
-            trainer = make_trainer(digits, model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=2e-3),
-                                   algorithms=[algo, *surgeries()] if order == "coap_first" else [*surgeries(), algo],
-                                   callbacks=[rec], max_duration="4ba")
+            trainer = make_trainer(
+                digits,
+                model=model,
+                optimizer=torch.optim.AdamW(model.parameters(), lr=2e-3),
+                algorithms=[algo, *surgeries()] if order == "coap_first" else [*surgeries(), algo],
+                callbacks=[rec],
+                max_duration="4ba",
+            )
             trainer.fit()
         opt = trainer.state.optimizers[0]
         names = {id(p): n for n, p in trainer.state.model.named_parameters()}
@@ -674,8 +800,13 @@ def test_module_surgery_keeps_the_routing_of_a_users_coap_optimizer(digits, coap
     algo = CoapAlgorithm(update_interval=2, reproject_factor=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = make_trainer(digits, model=model, optimizer=opt, max_duration="2ba",
-                               algorithms=[algo, BlurPool()] if coap_first else [BlurPool(), algo])
+        trainer = make_trainer(
+            digits,
+            model=model,
+            optimizer=opt,
+            max_duration="2ba",
+            algorithms=[algo, BlurPool()] if coap_first else [BlurPool(), algo],
+        )
         trainer.fit()
     assert trainer.state.optimizers[0] is opt
     routed = {name: proj for name, _, proj in _routing(trainer)}
@@ -687,7 +818,7 @@ def test_module_surgery_keeps_the_routing_of_a_users_coap_optimizer(digits, coap
 def test_find_coap_optimizers_follows_wrappers_once():
     from types import SimpleNamespace
 
-    from coap_plugins.algorithms._swap import find_coap_optimizers
+    from coap_plugins.translate import find_coap_optimizers
 
     model = nn.Linear(8, 8)
     coap = CoapAdamW(model.parameters())
@@ -706,18 +837,28 @@ def test_resuming_a_sam_checkpoint_without_coap_state_is_refused_or_fresh(digits
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # SAM's and Composer's warnings about the resumption
-        first = make_trainer(digits, algorithms=algos(), max_duration="2ba", save_folder=str(tmp_path),
-                             save_interval="2ba", save_filename="ba{batch}.pt")
+        first = make_trainer(
+            digits,
+            algorithms=algos(),
+            max_duration="2ba",
+            save_folder=str(tmp_path),
+            save_interval="2ba",
+            save_filename="ba{batch}.pt",
+        )
         first.fit()
         first.close()
         path = str(tmp_path / "ba2.pt")
         # SAM's checkpoint holds the SAMOptimizer's state (e_w), none of CoapAdamW's moments or projectors
-        with pytest.raises(ValueError, match=r"written after 2 COAP step\(s\) but Composer restored no state into "
-                                             r"CoapAdamW.*SAMOptimizer.*on_foreign_checkpoint='fresh'"):
+        with pytest.raises(
+            ValueError,
+            match=r"written after 2 COAP step\(s\) but Composer restored no state into "
+            r"CoapAdamW.*SAMOptimizer.*on_foreign_checkpoint='fresh'",
+        ):
             make_trainer(digits, algorithms=algos(), max_duration="4ba", load_path=path)
         mem = InMemoryLogger()
-        second = make_trainer(digits, algorithms=algos(on_foreign_checkpoint="fresh"), max_duration="4ba",
-                              load_path=path, loggers=[mem])
+        second = make_trainer(
+            digits, algorithms=algos(on_foreign_checkpoint="fresh"), max_duration="4ba", load_path=path, loggers=[mem]
+        )
     assert mem.hyperparameters["coap/fresh_start"] is True
     second.fit()
     assert second.state.algorithms[0].refreshes == [(4, "svd")]

@@ -35,9 +35,19 @@ REFRESHES = [(2, "correlation"), (4, "svd"), (6, "correlation"), (8, "svd")]
 
 def _strided_net():
     # strided convs with 32+ input channels: BlurPool replaces them after the swap
-    return nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
-                         nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-                         nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 10))
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(64, 64, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(256, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
+    )
 
 
 def _run(digits, case, folder, seed=0, **kw):
@@ -90,7 +100,9 @@ def _assert_same(a, b, path="checkpoint"):
     """``a`` and ``b`` equal all the way down: same keys, same types, tensors bit for bit."""
     if isinstance(a, dict):
         assert isinstance(b, dict), path
-        assert sorted(map(str, a)) == sorted(map(str, b)), f"{path}: keys {sorted(map(str, a))} vs {sorted(map(str, b))}"
+        assert sorted(map(str, a)) == sorted(map(str, b)), (
+            f"{path}: keys {sorted(map(str, a))} vs {sorted(map(str, b))}"
+        )
         for k in a:
             _assert_same(a[k], b[k], f"{path}/{k}")
     elif isinstance(a, (list, tuple)):
@@ -99,7 +111,9 @@ def _assert_same(a, b, path="checkpoint"):
             _assert_same(x, y, f"{path}[{i}]")
     elif isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor), path
-        assert (a.dtype, a.shape) == (b.dtype, b.shape), f"{path}: {a.dtype} {tuple(a.shape)} vs {b.dtype} {tuple(b.shape)}"
+        assert (a.dtype, a.shape) == (b.dtype, b.shape), (
+            f"{path}: {a.dtype} {tuple(a.shape)} vs {b.dtype} {tuple(b.shape)}"
+        )
         assert torch.equal(a, b), f"{path}: max difference {(a.double() - b.double()).abs().max().item()}"
     elif isinstance(a, np.ndarray):
         assert isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b), path

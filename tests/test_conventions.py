@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import io
-import math
 import pickle
 import subprocess
 import sys
@@ -137,8 +136,13 @@ def test_seed_is_the_same_in_every_process():
         "print(param_seed(7, (48, 64), 'layer.weight', 2), param_seed(7, (3, 3), None, 5))"
     )
     outs = {
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                       env={"PYTHONHASHSEED": str(h), "PATH": ""}).stdout
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={"PYTHONHASHSEED": str(h), "PATH": ""},
+        ).stdout
         for h in (1, 2, 3)
     }
     assert outs == {f"{param_seed(7, (48, 64), 'layer.weight', 2)} {param_seed(7, (3, 3), None, 5)}\n"}

@@ -92,8 +92,13 @@ def test_swap_keeps_groups_and_restores_configure_optimizers(digits, tmp_path):
         convs = [p for p in m.parameters() if p.ndim > 1]
         rest = [p for p in m.parameters() if p.ndim <= 1]
         return torch.optim.AdamW(
-            [{"params": convs, "lr": 3e-3, "weight_decay": 0.1, "tag": "weights"}, {"params": rest, "weight_decay": 0.0}],
-            lr=1e-3, betas=(0.8, 0.95), eps=1e-7,
+            [
+                {"params": convs, "lr": 3e-3, "weight_decay": 0.1, "tag": "weights"},
+                {"params": rest, "weight_decay": 0.0},
+            ],
+            lr=1e-3,
+            betas=(0.8, 0.95),
+            eps=1e-7,
         )
 
     model = make_model(make_optim=optim)
@@ -102,7 +107,13 @@ def test_swap_keeps_groups_and_restores_configure_optimizers(digits, tmp_path):
     new = trainer.optimizers[0]
     assert type(new) is CoapAdamW
     g0, g1 = new.param_groups
-    assert (g0["lr"], g0["weight_decay"], g0["tag"], g0["betas"], g0["eps"]) == (3e-3, 0.1, "weights", (0.8, 0.95), 1e-7)
+    assert (g0["lr"], g0["weight_decay"], g0["tag"], g0["betas"], g0["eps"]) == (
+        3e-3,
+        0.1,
+        "weights",
+        (0.8, 0.95),
+        1e-7,
+    )
     assert (g1["lr"], g1["weight_decay"]) == (1e-3, 0.0)
     assert [id(p) for p in g0["params"]] == [id(p) for p in model.parameters() if p.ndim > 1]
     assert g1["projection"] == ["none"] * len(g1["params"])
@@ -209,7 +220,10 @@ def test_sharded_strategies_are_refused(strategy):
 
 def test_two_callbacks_have_distinct_state_keys_and_are_refused(digits, tmp_path):
     a, b = CoapCallback(), CoapCallback(update_interval=4)
-    assert a.state_key == "CoapCallback{'optimizer': 'auto', 'eight_bit': False, 'update_interval': 32, 'reproject_factor': 5}"
+    assert (
+        a.state_key
+        == "CoapCallback{'optimizer': 'auto', 'eight_bit': False, 'update_interval': 32, 'reproject_factor': 5}"
+    )
     assert b.state_key != a.state_key
     with pytest.raises(MisconfigurationException, match="2 CoapCallbacks.*keep one"):
         make_trainer(tmp_path, callbacks=[a, b]).fit(make_model(), loader(digits))
@@ -231,7 +245,10 @@ def test_two_callbacks_have_distinct_state_keys_and_are_refused(digits, tmp_path
         (dict(lr=math.nan), r"^Invalid lr: nan \(must be a finite number >= 0\)$"),
         (dict(weight_decay=math.inf), r"^Invalid weight_decay: inf \(must be a finite number >= 0\)$"),
         (dict(eps=-1.0), r"^Invalid eps: -1.0 \(must be a finite number >= 0\)$"),
-        (dict(betas=(0.9, math.inf)), r"^Invalid betas: \(0.9, inf\) \(must be a pair of finite numbers in \[0, 1\)\)$"),
+        (
+            dict(betas=(0.9, math.inf)),
+            r"^Invalid betas: \(0.9, inf\) \(must be a pair of finite numbers in \[0, 1\)\)$",
+        ),
         (dict(betas=0.9), r"^Invalid betas: 0.9 "),
         (dict(rank_ratio_cnn=0.5), r"^Invalid rank_ratio_cnn: 0.5"),
         (dict(rank_ratio_cnn=2, rank_ratio_conv=4), r"^Conflicting settings: rank_ratio_cnn=2 and rank_ratio_conv=4 "),
@@ -257,7 +274,10 @@ def test_lazy_import():
     import subprocess
     import sys
 
-    code = "import coap_plugins.algorithms, sys; assert 'lightning' not in sys.modules; assert 'composer' not in sys.modules"
+    code = (
+        "import coap_plugins.algorithms, sys; assert 'lightning' not in sys.modules; assert 'composer' not in "
+        "sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -273,7 +293,14 @@ def test_refreshes_follow_schedule_and_are_logged(digits, tmp_path):
     model = make_model()
     trainer = make_trainer(tmp_path, callbacks=[cb], max_steps=12, logger=CSVLogger(tmp_path, name="logs"))
     trainer.fit(model, loader(digits))
-    assert cb.refreshes == [(2, "correlation"), (4, "svd"), (6, "correlation"), (8, "svd"), (10, "correlation"), (12, "svd")]
+    assert cb.refreshes == [
+        (2, "correlation"),
+        (4, "svd"),
+        (6, "correlation"),
+        (8, "svd"),
+        (10, "correlation"),
+        (12, "svd"),
+    ]
     assert cb.steps == 12 == trainer.global_step
     steps = {e["last_refresh_step"] for e in trainer.optimizers[0].coap_report()["layers"] if "last_refresh_step" in e}
     assert steps == {12}
@@ -298,7 +325,11 @@ def test_state_key_and_checkpoint_content(digits, tmp_path):
     trainer.save_checkpoint(tmp_path / "c.ckpt")
     ckpt = torch.load(tmp_path / "c.ckpt", weights_only=True)  # plain tensors and numbers only
     assert ckpt["callbacks"][cb.state_key] == {
-        "steps": [3], "optimizer": "auto", "eight_bit": False, "update_interval": 2, "reproject_factor": 2,
+        "steps": [3],
+        "optimizer": "auto",
+        "eight_bit": False,
+        "update_interval": 2,
+        "reproject_factor": 2,
         "optimizer_classes": ["CoapAdamW"],
     }
     assert any(k.startswith("proj") for st in ckpt["optimizer_states"][0]["state"].values() for k in st)
@@ -346,12 +377,19 @@ def test_exact_resume_at_epoch_end(digits, tmp_path):
     path = _resume(digits, tmp_path)
     # the checkpoint needs the same schedule and optimizer, and a CoapCallback at all
     with pytest.raises(MisconfigurationException, match=r"written by a CoapCallback with update_interval=2 \(here 3\)"):
-        make_trainer(tmp_path, callbacks=[CoapCallback(update_interval=3, reproject_factor=2)], max_steps=-1,
-                     max_epochs=2).fit(make_model(), loader(digits), ckpt_path=path)
+        make_trainer(
+            tmp_path, callbacks=[CoapCallback(update_interval=3, reproject_factor=2)], max_steps=-1, max_epochs=2
+        ).fit(make_model(), loader(digits), ckpt_path=path)
     pytest.importorskip("bitsandbytes")
-    with pytest.raises(MisconfigurationException, match=r"written by a CoapCallback with eight_bit=False \(here True\)"):
-        make_trainer(tmp_path, callbacks=[CoapCallback(update_interval=2, reproject_factor=2, eight_bit=True)],
-                     max_steps=-1, max_epochs=2).fit(make_model(), loader(digits), ckpt_path=path)
+    with pytest.raises(
+        MisconfigurationException, match=r"written by a CoapCallback with eight_bit=False \(here True\)"
+    ):
+        make_trainer(
+            tmp_path,
+            callbacks=[CoapCallback(update_interval=2, reproject_factor=2, eight_bit=True)],
+            max_steps=-1,
+            max_epochs=2,
+        ).fit(make_model(), loader(digits), ckpt_path=path)
 
 
 def test_exact_resume_eight_bit(digits, tmp_path):
@@ -370,16 +408,26 @@ def test_checkpoint_without_callback_is_refused(digits, tmp_path):
     coap.fit(make_model(), loader(digits))
     coap.save_checkpoint(tmp_path / "coap.ckpt")
     model = make_model(make_optim=lambda m: torch.optim.Adafactor(m.parameters(), lr=1e-2))
-    with pytest.raises(MisconfigurationException, match=r"\['CoapAdamW'\] but this CoapCallback builds \['CoapAdafactor'\]"):
+    with pytest.raises(
+        MisconfigurationException, match=r"\['CoapAdamW'\] but this CoapCallback builds \['CoapAdafactor'\]"
+    ):
         make_trainer(tmp_path, max_steps=6).fit(model, loader(digits), ckpt_path=tmp_path / "coap.ckpt")
 
 
 # -- accumulation, clipping, bf16 ------------------------------------------------------------
 def _no_bn_net():
     # no BatchNorm: accumulated microbatches must not change the forward pass
-    return nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, stride=2, padding=1),
-                         nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(256, 64), nn.ReLU(),
-                         nn.Linear(64, 10))
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(256, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
+    )
 
 
 def test_gradient_accumulation_refreshes_once_per_step(digits, tmp_path):
@@ -387,8 +435,7 @@ def test_gradient_accumulation_refreshes_once_per_step(digits, tmp_path):
     for accumulate, batch in ((1, BATCH), (2, BATCH // 2)):
         cb = CoapCallback(update_interval=2, reproject_factor=2)
         torch.manual_seed(0)
-        model = Classifier(net=_no_bn_net(),
-                           make_optim=lambda m: torch.optim.AdamW(m.parameters(), lr=2e-3, eps=1e-4))
+        model = Classifier(net=_no_bn_net(), make_optim=lambda m: torch.optim.AdamW(m.parameters(), lr=2e-3, eps=1e-4))
         trainer = make_trainer(tmp_path, callbacks=[cb], max_steps=6, accumulate_grad_batches=accumulate)
         trainer.fit(model, loader(digits, batch=batch))
         assert trainer.global_step == 6 and len(model.losses) == 6 * accumulate
@@ -454,7 +501,9 @@ class ProjectorRecorder(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         opt = self.opt()
-        self.after.append({(id(p), k): v.clone() for p, st in opt.state.items() for k, v in st.items() if k.startswith("proj")})
+        self.after.append(
+            {(id(p), k): v.clone() for p, st in opt.state.items() for k, v in st.items() if k.startswith("proj")}
+        )
 
 
 def test_wrapped_coap_optimizer_is_driven_and_a_skipped_refresh_is_not_reported(digits, tmp_path):
@@ -491,14 +540,18 @@ def test_resuming_a_wrapper_checkpoint_without_coap_state_is_refused(digits, tmp
         return SkipStepOptimizer(CoapAdamW(CoapPolicy().param_groups(m), lr=2e-3))
 
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last", save_top_k=-1)
-    first = make_trainer(tmp_path / "a", callbacks=[CoapCallback(update_interval=2), ckpt], max_steps=2,
-                         enable_checkpointing=True)
+    first = make_trainer(
+        tmp_path / "a", callbacks=[CoapCallback(update_interval=2), ckpt], max_steps=2, enable_checkpointing=True
+    )
     first.fit(make_model(make_optim=optim), loader(digits))
     # Lightning saved the wrapper's state_dict: its own (empty) state, none of CoapAdamW's
     assert not torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["optimizer_states"][0]["state"]
     second = make_trainer(tmp_path / "b", callbacks=[CoapCallback(update_interval=2)], max_steps=4)
-    with pytest.raises(MisconfigurationException, match=r"written after 2 COAP step\(s\) but Lightning restored no state "
-                                                         r"into CoapAdamW: the optimizer Lightning saves is SkipStepOptimizer"):
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"written after 2 COAP step\(s\) but Lightning restored no state "
+        r"into CoapAdamW: the optimizer Lightning saves is SkipStepOptimizer",
+    ):
         second.fit(make_model(make_optim=optim), loader(digits), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
 
 
@@ -512,7 +565,16 @@ def test_ddp_two_cpu_processes_keep_parameters_and_projectors_identical(tmp_path
 
     script = Path(__file__).parent / "scripts" / "ddp_lightning.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
@@ -533,15 +595,23 @@ def test_ddp_two_cpu_processes_keep_parameters_and_projectors_identical(tmp_path
 # -- LightningCLI ----------------------------------------------------------------------------
 def test_lightning_cli_yaml_recipe(tmp_path):
     pytest.importorskip("jsonargparse")
-    from pathlib import Path
+    from coap_plugins.examples.lightning_cli import DigitsClassifier, cli_main
+    from coap_plugins.recipes import RECIPES_DIR
 
-    from coap_plugins.algorithms.lightning import DigitsClassifier, cli_main
-
-    yaml_path = Path(__file__).parents[1] / "yamls" / "lightningcli" / "small_cnn_digits.yaml"
-    cli = cli_main(["fit", "--config", str(yaml_path), "--trainer.max_epochs=2",
-                    "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-                    "--trainer.limit_val_batches=0", f"--trainer.default_root_dir={tmp_path}",
-                    "--model.init_args.train_samples=128"])  # 2 batches per epoch
+    yaml_path = RECIPES_DIR / "lightningcli" / "small_cnn_digits.yaml"
+    cli = cli_main(
+        [
+            "fit",
+            "--config",
+            str(yaml_path),
+            "--trainer.max_epochs=2",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            "--trainer.limit_val_batches=0",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--model.init_args.train_samples=128",
+        ]
+    )  # 2 batches per epoch
     trainer = cli.trainer
     [cb] = [c for c in trainer.callbacks if isinstance(c, CoapCallback)]
     assert (cb.settings.interval, cb.settings.reproject_factor, cb.settings.rank_ratio_conv) == (8, 5, 4)

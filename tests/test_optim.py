@@ -38,7 +38,10 @@ def make_opt(cls, params, **kw):
     kw.setdefault("min_conv_numel", 0)
     if cls is CoapAdamW:
         kw.setdefault("lr", 1e-2)
-    groups = [{"params": [params[k] for k in SHAPES if k != "small_conv"]}, {"params": [params["small_conv"]], "projection": "none"}]
+    groups = [
+        {"params": [params[k] for k in SHAPES if k != "small_conv"]},
+        {"params": [params["small_conv"]], "projection": "none"},
+    ]
     return cls(groups, update_interval=2, reproject_factor=2, **kw)
 
 
@@ -174,7 +177,9 @@ def test_projection_off_equals_torch_adamw_exactly():
 def test_full_rank_adafactor_matches_transformers():
     transformers = pytest.importorskip("transformers.optimization")
     a, b = _mlp(1), _mlp(1)
-    ref = transformers.Adafactor(a.parameters(), lr=None, beta1=None, relative_step=True, scale_parameter=True, warmup_init=False)
+    ref = transformers.Adafactor(
+        a.parameters(), lr=None, beta1=None, relative_step=True, scale_parameter=True, warmup_init=False
+    )
     opt = CoapAdafactor([{"params": list(b.parameters()), "projection": "none"}], beta1=None)
     g = torch.Generator().manual_seed(1)
     for _ in range(15):
@@ -195,7 +200,11 @@ BAD_ARGS = [
     (CoapAdamW, {"weight_decay": -0.1}, r"Invalid weight_decay value: -0.1"),
     (CoapAdamW, {"rank": 0}, r"Invalid rank: 0 \(must be an integer >= 1, or None\)"),
     (CoapAdamW, {"rank": 2.5}, r"Invalid rank: 2.5"),
-    (CoapAdamW, {"rank_ratio_matrix": 0.5}, r"Invalid rank_ratio_matrix: 0.5 \(must be a finite number >= 1, or None\)"),
+    (
+        CoapAdamW,
+        {"rank_ratio_matrix": 0.5},
+        r"Invalid rank_ratio_matrix: 0.5 \(must be a finite number >= 1, or None\)",
+    ),
     (CoapAdamW, {"rank_ratio_conv": 0}, r"Invalid rank_ratio_conv: 0"),
     (CoapAdamW, {"update_interval": 0}, r"Invalid update_interval: 0 \(must be an integer >= 1\)"),
     (CoapAdamW, {"reproject_factor": 0}, r"Invalid reproject_factor: 0 \(must be an integer >= 1\)"),
@@ -320,7 +329,9 @@ def test_non_finite_gradient_never_reaches_the_projectors(cls):
                 assert torch.isfinite(v).all()
                 assert torch.equal(v, before[id(p)][k])  # the refresh was skipped
     report = opt.coap_report()
-    assert all(layer["last_refresh"] == "skipped (non-finite)" for layer in report["layers"] if layer["projector"] != "none")
+    assert all(
+        layer["last_refresh"] == "skipped (non-finite)" for layer in report["layers"] if layer["projector"] != "none"
+    )
     if cls is CoapAdamW:  # the moments carry the NaN on, as torch.optim.AdamW's would
         assert torch.isnan(opt.state[params["tall"]]["exp_avg"]).any()
 
@@ -383,11 +394,15 @@ def test_load_refuses_state_that_does_not_fit():
     run(opt, params, 0, 2)
     sd = opt.state_dict()
     other = make_opt(CoapAdamW, make_params(), rank_ratio_conv=16)
-    with pytest.raises(ValueError, match=r"param group 0 was saved with rank_ratio_conv=None but this optimizer has rank_ratio_conv=16"):
+    with pytest.raises(
+        ValueError, match=r"param group 0 was saved with rank_ratio_conv=None but this optimizer has rank_ratio_conv=16"
+    ):
         other.load_state_dict(sd)
     # same settings, tampered shape: the error names the tensor and both shapes
     sd["state"][2]["proj_out"] = torch.zeros(32, 4)
-    with pytest.raises(ValueError, match=r"parameter 2 \(shape \(32, 16, 3, 3\)\): proj_out: saved \(32, 4\), expected \(32, 16\)"):
+    with pytest.raises(
+        ValueError, match=r"parameter 2 \(shape \(32, 16, 3, 3\)\): proj_out: saved \(32, 4\), expected \(32, 16\)"
+    ):
         make_opt(CoapAdamW, make_params()).load_state_dict(sd)
     # a full-rank state offered to a projected layer
     sd2 = opt.state_dict()
@@ -429,7 +444,14 @@ def test_policy_groups_drive_the_optimizer():
     policy = CoapPolicy(exclude=["4"])
     opt = CoapAdamW(policy.param_groups(model), lr=1e-3)
     kinds = {r["name"]: (r["projector"].kind if r["projector"] else "none") for r in opt.routing()}
-    assert kinds == {"0.weight": "none", "0.bias": "none", "2.weight": "tucker2", "2.bias": "none", "4.weight": "none", "4.bias": "none"}
+    assert kinds == {
+        "0.weight": "none",
+        "0.bias": "none",
+        "2.weight": "tucker2",
+        "2.bias": "none",
+        "4.weight": "none",
+        "4.bias": "none",
+    }
     model(torch.randn(2, 3, 12, 12)).sum().backward()
     opt.step()
     assert set(opt.state[model[2].weight]) == {"step", "proj_out", "proj_in", "exp_avg", "exp_avg_sq"}

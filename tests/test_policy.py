@@ -25,7 +25,10 @@ def test_default_policy_routes_by_module_type_with_reasons():
     routes = {r.name: r for r in CoapPolicy().route(Net())}
     assert routes["stem.weight"].kind == "none" and "min_conv_numel" in routes["stem.weight"].reason
     assert routes["body.weight"].kind == "none"
-    assert routes["wide.weight"].kind == "tucker2" and routes["wide.weight"].reason == "tucker2, ranks (32, 32) of (64, 64)"
+    assert (
+        routes["wide.weight"].kind == "tucker2"
+        and routes["wide.weight"].reason == "tucker2, ranks (32, 32) of (64, 64)"
+    )
     assert routes["proj.weight"].kind == "tucker2" and "output mode only" in routes["proj.weight"].reason
     assert routes["hidden.weight"].kind == "matrix" and routes["hidden.weight"].projector.rank == 32
     assert routes["norm.weight"].kind == "none" and "BatchNorm2d.weight is not mapped" in routes["norm.weight"].reason
@@ -53,7 +56,10 @@ def test_param_groups_are_one_to_one_with_user_groups_and_keep_schedulers_workin
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     user = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.05, "tag": "decay"}, {"params": no_decay, "weight_decay": 0.0, "lr": 5e-4}],
+        [
+            {"params": decay, "weight_decay": 0.05, "tag": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "lr": 5e-4},
+        ],
         lr=1e-3,
         betas=(0.8, 0.99),
     )
@@ -87,7 +93,10 @@ def test_param_groups_from_plain_parameter_list_and_unknown_params():
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"module_kinds": {nn.Linear: "svd"}}, r"Invalid projector kind for Linear: 'svd' \(expected one of matrix, tucker2, none\)"),
+        (
+            {"module_kinds": {nn.Linear: "svd"}},
+            r"Invalid projector kind for Linear: 'svd' \(expected one of matrix, tucker2, none\)",
+        ),
         ({"module_kinds": {int: "matrix"}}, r"Invalid module type in module_kinds"),
         ({"exclude": [3]}, r"Invalid exclude pattern: 3"),
         ({"rank": 0}, r"Invalid rank: 0"),
@@ -109,3 +118,58 @@ def test_schedule():
         ProjectionSchedule(0, 5)
     with pytest.raises(ValueError, match=r"Invalid reproject_factor: 2.5"):
         ProjectionSchedule(4, 2.5)
+
+
+def test_the_policys_reason_reaches_the_optimizer_report():
+    model = Net()
+    policy = CoapPolicy(exclude=["fc*"])
+    opt = CoapAdamW(policy.param_groups(model), lr=1e-3)
+    explained = {r.name: r.reason for r in policy.route(model)}
+    rows = {row["name"]: row for row in opt.routing()}
+    report = {e["name"]: e for e in opt.coap_report()["layers"]}
+    for name in ("fc.weight", "stem.weight", "body.weight", "norm.weight", "hidden.bias"):
+        assert rows[name]["projector"] is None
+        assert rows[name]["reason"] == report[name]["reason"] == explained[name]
+    assert rows["fc.weight"]["reason"] == "excluded by pattern 'fc*'"
+    # projected parameters report the optimizer's own decision (same function, same settings)
+    assert rows["wide.weight"]["reason"] == explained["wide.weight"] == "tucker2, ranks (32, 32) of (64, 64)"
+    assert all(isinstance(r, str) for r in opt.param_groups[0]["projection_reasons"])
+
+
+def test_policy_reasons_survive_a_checkpoint_and_an_older_one_without_them(tmp_path):
+    model = Net()
+    policy = CoapPolicy(exclude=["fc*"])
+    opt = CoapAdamW(policy.param_groups(model), lr=1e-3)
+    sd = opt.state_dict()
+    torch.save(sd, tmp_path / "opt.pt")
+    fresh = CoapAdamW(policy.param_groups(model), lr=1e-3)
+    fresh.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    assert [r["reason"] for r in fresh.routing()] == [r["reason"] for r in opt.routing()]
+    older = {
+        **sd,
+        "param_groups": [{k: v for k, v in g.items() if k != "projection_reasons"} for g in sd["param_groups"]],
+    }
+    fresh.load_state_dict(older)
+    assert {r["name"]: r["reason"] for r in fresh.routing()}["fc.weight"] == "excluded by pattern 'fc*'"
+
+
+def test_a_group_written_none_without_a_policy_says_so():
+    lin = nn.Linear(32, 32)
+    opt = CoapAdamW([{"params": [lin.weight], "projection": "none"}])
+    assert opt.routing()[0]["reason"].startswith("full rank: the param group's projection says 'none'")
+
+
+def test_projection_reasons_must_be_one_string_per_parameter():
+    lin = nn.Linear(32, 32)
+    with pytest.raises(ValueError, match="Invalid projection_reasons: 1 reasons for a group of 2 parameters"):
+        CoapAdamW([{"params": list(lin.parameters()), "projection_reasons": ["x"]}])
+    with pytest.raises(ValueError, match="Invalid projection_reasons: .* \\(expected a list of strings\\)"):
+        CoapAdamW([{"params": [lin.weight], "projection_reasons": [None]}])
+
+
+def test_policy_and_optimizer_share_one_conv_size_floor():
+    # the floor lives in build_projector: the policy applies it to the convs it maps to Tucker-2
+    small = nn.Conv2d(16, 64, 3)  # 9216 elements: at the floor
+    routes = CoapPolicy(min_conv_numel=9216).route(nn.Sequential(small))
+    assert routes[0].kind == "none" and routes[0].reason == "conv with 9216 <= min_conv_numel=9216 elements"
+    assert CoapPolicy(min_conv_numel=0).route(nn.Sequential(small))[0].kind == "tucker2"

@@ -76,8 +76,8 @@ def test_paper_sign_of_eq3_is_wrong():
     pp = p.clone().requires_grad_(True)
     mse = (h @ pp @ pp.T - h).pow(2).mean()
     cos = torch.nn.functional.cosine_similarity(m @ pp.T, h, dim=1).mean()
-    d_mse, = torch.autograd.grad(mse, pp, retain_graph=True)
-    d_cos, = torch.autograd.grad(cos, pp)
+    (d_mse,) = torch.autograd.grad(mse, pp, retain_graph=True)
+    (d_cos,) = torch.autograd.grad(cos, pp)
     plus = d_mse * (1 - cos.detach()) + d_cos * mse.detach()
     minus = d_mse * (1 - cos.detach()) - d_cos * mse.detach()
     assert _rel(minus, auto) < 1e-10
@@ -113,7 +113,9 @@ def test_closed_form_matches_autograd_tucker2():
     ref_core = torch.einsum("oikl,oa,ib->aklb", grad, state["proj_out"], state["proj_in"])
     assert torch.allclose(core, ref_core.reshape(5, 9, 4), atol=1e-12)
     new, _ = proj.refresh(state, grad, core, ctx, "correlation", m_core)
-    for (h, p, m), key in zip(_tucker_mode_losses(grad, state["proj_out"], state["proj_in"], m_core), ("proj_out", "proj_in")):
+    for (h, p, m), key in zip(
+        _tucker_mode_losses(grad, state["proj_out"], state["proj_in"], m_core), ("proj_out", "proj_in")
+    ):
         auto = _autograd_grad(h, p, m)
         scale = min(1.0, 1.0 / (float(auto.norm()) + 1e-6))
         expected = p - 0.1 * scale * auto
@@ -334,3 +336,28 @@ def test_1x1_conv_that_saves_nothing_stays_full_rank():
     # hold as many floats as two full 128 x 64 moments
     proj, reason = build_projector((128, 64, 1, 1), rank_ratio_conv=1.5, min_conv_numel=0)
     assert proj is None and "would hold" in reason
+
+
+def test_projectors_state_their_ranks():
+    assert MatrixProjector((64, 32), 8).ranks == {"rank": 8}
+    assert Tucker2Projector((64, 64, 3, 3), 16, 8).ranks == {"rank_out": 16, "rank_in": 8}
+    assert Tucker2Projector((64, 32, 1, 1), 16, None).ranks == {"rank_out": 16, "rank_in": None}
+    # the ranks are the projector's rank attributes, nothing else
+    for proj in (MatrixProjector((64, 32), 8), Tucker2Projector((64, 64, 3, 3), 16, 8)):
+        assert proj.ranks == {k: v for k, v in vars(proj).items() if "rank" in k}
+
+
+def test_routing_lives_in_its_own_module_and_the_package_reexports_it():
+    import coap_plugins
+    import coap_plugins.projection as projection
+    from coap_plugins.projection import routing
+
+    assert projection.build_projector is routing.build_projector is coap_plugins.build_projector
+    assert projection.DEFAULT_MIN_CONV_NUMEL == routing.DEFAULT_MIN_CONV_NUMEL == 32 * 32 * 3 * 3
+
+
+def test_explicit_tucker2_takes_the_size_floor_only_when_asked():
+    proj, _ = build_projector((64, 16, 3, 3), "tucker2", rank_ratio_conv=4)
+    assert proj is not None
+    proj, reason = build_projector((64, 16, 3, 3), "tucker2", rank_ratio_conv=4, floor_tucker2=True)
+    assert proj is None and reason == "conv with 9216 <= min_conv_numel=9216 elements"

@@ -15,15 +15,17 @@ import torch
 
 pytest.importorskip("sklearn")
 
-from coap_plugins import CoapAdafactor, CoapAdafactor8bit, CoapAdamW, CoapAdamW8bit, CoapPolicy  # noqa: E402
-from coap_plugins import demo  # noqa: E402
-from coap_plugins.examples import (  # noqa: E402
-    SmallCNN,
-    SmallResNet,
-    load_digits_tensors,
-    optimizer_state_bytes,
-    train_classifier,
+from _helpers import optimizer_state_bytes, train_classifier  # noqa: E402  (tests/ helper)
+
+from coap_plugins import (  # noqa: E402
+    CoapAdafactor,
+    CoapAdafactor8bit,
+    CoapAdamW,
+    CoapAdamW8bit,
+    CoapPolicy,
+    demo,  # noqa: E402
 )
+from coap_plugins.examples import SmallCNN, SmallResNet, load_digits_tensors  # noqa: E402
 
 SEED = 0
 SIZE = 16

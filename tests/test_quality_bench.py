@@ -20,7 +20,10 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def run_script(name: str, out: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / name), "--quick", "--out", str(out)],
-        capture_output=True, text=True, timeout=900, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
     )
 
 
@@ -45,7 +48,8 @@ def test_quality_quick_writes_tables_json_and_plots(tmp_path):
     data = json.loads((tmp_path / "quality.json").read_text())
     results = data["results"]
     assert sorted((r["task"], r["method"], r["seed"]) for r in results) == sorted(
-        (task, method, 0) for task in ("resnet", "unet") for method in METHODS)
+        (task, method, 0) for task in ("resnet", "unet") for method in METHODS
+    )
     for r in results:
         assert r["final"] and all(math.isfinite(v) for v in r["final"].values()), r
         assert r["state_bytes"] > 0 and r["peak_rss_bytes"] > 0
@@ -64,4 +68,6 @@ def test_overhead_quick_prints_both_recipes(tmp_path):
     assert text == proc.stdout
     rows = [line for line in text.splitlines() if line.startswith("| `")]
     assert [row.split("|")[1].strip() for row in rows] == [
-        "`yamls/composer/resnet18_digits_adamw.yaml`", "`yamls/composer/resnet18_digits.yaml`"]
+        "`composer/resnet18_digits_adamw`",
+        "`composer/resnet18_digits`",
+    ]

@@ -76,7 +76,9 @@ def make_run(
         rows.append({"split": "train", "step": step, "epoch": i // 10, "loss": loss, "lr": 1e-3, "time": 0.1 * step})
     for j in range(N_EVAL):
         step = 100 * (j + 1) // N_EVAL
-        value = {"accuracy": 0.5 + 0.2 * j, "loss": 1.0 / (j + 1)} if classification else {"heldout_loss": 0.1 / (j + 1)}
+        value = (
+            {"accuracy": 0.5 + 0.2 * j, "loss": 1.0 / (j + 1)} if classification else {"heldout_loss": 0.1 / (j + 1)}
+        )
         rows.append({"split": "eval", "step": step, "epoch": j, "time": 1.0 * step, "extra_key": "ignored", **value})
     rows.append({"split": "other", "step": 1})  # unknown split: ignored
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
@@ -258,15 +260,19 @@ def test_write_report_says_the_run_diverged_and_which_layers_never_set_up(tmp_pa
     went = "stopped there (`stop_on_nonfinite: true`)" if stopped else "went on (`stop_on_nonfinite: false`)"
     first = "" if stopped else "first "
     assert lines[4] == f"**Diverged**: the training loss was {first}nan at step 40; training {went}."
-    assert lines[6] == ("**7 projected layers never received a usable gradient**: their state is not counted in the "
-                        "optimizer state below (`layer0.weight`, `layer1.weight`, `layer2.weight`, `layer3.weight`, "
-                        "`layer4.weight`, ...).")
+    assert lines[6] == (
+        "**7 projected layers never received a usable gradient**: their state is not counted in the "
+        "optimizer state below (`layer0.weight`, `layer1.weight`, `layer2.weight`, `layer3.weight`, "
+        "`layer4.weight`, ...)."
+    )
     assert lines[8].startswith("| run |")
     summary["diverged"], summary["waiting_layers"] = None, ["head.weight"]
     (run / "summary.json").write_text(json.dumps(summary))
     lines = write_report(run).read_text().splitlines()
-    assert lines[4] == ("**1 projected layer never received a usable gradient**: its state is not counted in the "
-                        "optimizer state below (`head.weight`).")
+    assert lines[4] == (
+        "**1 projected layer never received a usable gradient**: its state is not counted in the "
+        "optimizer state below (`head.weight`)."
+    )
 
 
 def test_write_report_ddpm_embeds_sample_grid(tmp_path: Path) -> None:

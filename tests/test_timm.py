@@ -51,8 +51,8 @@ def test_coap_names_resolve_whatever_the_import_order(imports):
 
 
 def test_timm_hyperparameters_reach_the_class_or_are_refused():
-    import torch
     import timm.optim
+    import torch
 
     import coap_plugins  # noqa: F401
 

@@ -136,10 +136,17 @@ class TestCoapOptimizers(TestCase):
         net, x, y = _setup(device, dtype)
         opt = optim_info.optim_cls(net.named_parameters(), **_kwargs(optim_info.optim_inputs_func(device)[0]))
         kinds = {row["name"]: row["projector"].kind if row["projector"] else "none" for row in opt.routing()}
-        self.assertEqual(kinds, {
-            "conv.weight": "tucker2", "conv.bias": "none", "pointwise.weight": "tucker2",
-            "pointwise.bias": "none", "fc.weight": "matrix", "fc.bias": "none",
-        })
+        self.assertEqual(
+            kinds,
+            {
+                "conv.weight": "tucker2",
+                "conv.bias": "none",
+                "pointwise.weight": "tucker2",
+                "pointwise.bias": "none",
+                "fc.weight": "matrix",
+                "fc.bias": "none",
+            },
+        )
         seen = set()
         for _ in range(4):
             _train(net, opt, x, y, 1)
@@ -149,8 +156,11 @@ class TestCoapOptimizers(TestCase):
     @optims(coap_optim_db, dtypes=[torch.float32])
     def test_forloop_goes_right_direction(self, device, dtype, optim_info):
         for optim_input in optim_info.optim_inputs_func(device):
-            for make_sched in (None, lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.9),
-                               lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o)):
+            for make_sched in (
+                None,
+                lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.9),
+                lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o),
+            ):
                 kwargs = _kwargs(optim_input)
                 if make_sched is not None and kwargs.get("lr") is None:
                     continue  # Adafactor's relative step has no lr for a scheduler to set
@@ -252,7 +262,9 @@ class TestCoapOptimizers(TestCase):
         frozen = list(net.fc.parameters())
         rest = [p for n, p in net.named_parameters() if not n.startswith("fc.")]
         kwargs = dict(_BASE, lr=1e-2)
-        opt = optim_info.optim_cls([{"params": rest, "lr": 1e-2}, {"params": frozen, "lr": 0.0, "weight_decay": 0.5}], **kwargs)
+        opt = optim_info.optim_cls(
+            [{"params": rest, "lr": 1e-2}, {"params": frozen, "lr": 0.0, "weight_decay": 0.5}], **kwargs
+        )
         before = [p.detach().clone() for p in frozen]
         losses = _train(net, opt, x, y, 8)
         self.assertLess(losses[-1], losses[0])
@@ -327,9 +339,12 @@ class TestCoapOptimizers(TestCase):
     def test_non_finite_hyperparameters_are_refused(self, device, dtype, optim_info):
         net, _, _ = _setup(device, dtype)
         cls = optim_info.optim_cls
-        cases = [({"lr": math.nan}, "Invalid learning rate: nan"), ({"lr": math.inf}, "Invalid learning rate: inf"),
-                 ({"weight_decay": math.inf}, "Invalid weight_decay value: inf"),
-                 ({"rank_ratio_matrix": math.inf}, "Invalid rank_ratio_matrix: inf")]
+        cases = [
+            ({"lr": math.nan}, "Invalid learning rate: nan"),
+            ({"lr": math.inf}, "Invalid learning rate: inf"),
+            ({"weight_decay": math.inf}, "Invalid weight_decay value: inf"),
+            ({"rank_ratio_matrix": math.inf}, "Invalid rank_ratio_matrix: inf"),
+        ]
         if issubclass(cls, CoapAdamW):
             cases.append(({"eps": math.nan}, "Invalid epsilon value: nan"))
         for kwargs, message in cases:

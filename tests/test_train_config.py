@@ -6,10 +6,11 @@ import pytest
 
 pytest.importorskip("omegaconf")
 
+from coap_plugins.recipes import RECIPES_DIR  # noqa: E402
 from coap_plugins.train.cli import main  # noqa: E402
 from coap_plugins.train.config import ConfigError, load_config, to_yaml  # noqa: E402
 
-YAMLS = Path(__file__).parents[1] / "yamls"
+YAMLS = RECIPES_DIR
 RECIPES = sorted(p for p in (YAMLS / "composer").glob("*.yaml")) + sorted((YAMLS / "lightning").glob("*.yaml"))
 
 
@@ -68,8 +69,11 @@ def test_overrides_are_typed_and_nested(tmp_path):
 
 def test_unknown_key_lists_valid_keys_and_closest_match(tmp_path):
     path = _write(tmp_path, "optimizer: {lrr: 0.1}\n")
-    with pytest.raises(ConfigError, match=r"Unknown key 'optimizer.lrr' in .*recipe.yaml; did you mean 'optimizer.lr'\? "
-                                          r"Valid keys of 'optimizer': name, lr, weight_decay, betas, eps, no_decay_norm_bias"):
+    with pytest.raises(
+        ConfigError,
+        match=r"Unknown key 'optimizer.lrr' in .*recipe.yaml; did you mean 'optimizer.lr'\? "
+        r"Valid keys of 'optimizer': name, lr, weight_decay, betas, eps, no_decay_norm_bias",
+    ):
         load_config(path)
     with pytest.raises(ConfigError, match=r"Unknown key 'max_duraton' in the overrides; did you mean 'max_duration'\?"):
         load_config(_write(tmp_path, "{}\n", "empty.yaml"), ["max_duraton=5ba"])
@@ -92,7 +96,10 @@ def test_wrong_types_name_the_key(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("trainer=compser", r"Invalid trainer: 'compser' \(expected one of composer, lightning\); did you mean 'composer'\?"),
+        (
+            "trainer=compser",
+            r"Invalid trainer: 'compser' \(expected one of composer, lightning\); did you mean 'composer'\?",
+        ),
         ("max_duration=10", r"Invalid max_duration: '10' \(expected a positive number of batches or epochs"),
         ("data.batch_size=0", r"Invalid data.batch_size: 0 \(must be >= 1\)"),
         ("coap.rank_ratio_conv=0.5", r"Invalid coap.rank_ratio_conv: 0.5 \(must be a finite number >= 1, or None\)"),
@@ -161,10 +168,15 @@ def test_rank_ratio_cnn_is_an_alias_of_rank_ratio_conv(tmp_path):
     assert cfg.coap.rank_ratio_conv == 4.0 and cfg.coap.rank_ratio_cnn is None
     same = load_config(_write(tmp_path, "coap: {rank_ratio_cnn: 2, rank_ratio_conv: 2}\n", "same.yaml"))
     assert same.coap == load_config(_write(tmp_path, "coap: {rank_ratio_conv: 2}\n", "conv.yaml")).coap
-    with pytest.raises(ConfigError, match=r"^Invalid coap.rank_ratio_cnn: 2.0 with coap.rank_ratio_conv: 4.0 "
-                                          r"\(rank_ratio_cnn is an alias of rank_ratio_conv: give one of them\)$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^Invalid coap.rank_ratio_cnn: 2.0 with coap.rank_ratio_conv: 4.0 "
+        r"\(rank_ratio_cnn is an alias of rank_ratio_conv: give one of them\)$",
+    ):
         load_config(_write(tmp_path, "coap: {rank_ratio_cnn: 2, rank_ratio_conv: 4}\n", "both.yaml"))
-    with pytest.raises(ConfigError, match=r"^Invalid coap.rank_ratio_cnn: 0.5 \(must be a (finite )?number >= 1, or None\)$"):
+    with pytest.raises(
+        ConfigError, match=r"^Invalid coap.rank_ratio_cnn: 0.5 \(must be a (finite )?number >= 1, or None\)$"
+    ):
         load_config(tmp_path / "recipe.yaml", ["coap.rank_ratio_cnn=0.5"])
     from coap_plugins.train.common import coap_kwargs
 

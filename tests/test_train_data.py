@@ -10,6 +10,7 @@ pytest.importorskip("webdataset")
 pytest.importorskip("sklearn")
 
 from _fakes import write_fake_cifar, write_png_folder  # noqa: E402  (tests/ helper)
+
 from coap_plugins.examples import load_digits_tensors  # noqa: E402
 from coap_plugins.train.data import (  # noqa: E402
     main,
@@ -171,7 +172,9 @@ def test_cifar10_converter(tmp_path):
 def test_cifar10_missing_files_says_nothing_is_downloaded(tmp_path):
     write_fake_cifar(tmp_path / "cifar-10-batches-py")
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
-    with pytest.raises(FileNotFoundError, match="missing in .*cifar-10-batches-py: data_batch_3 .*nothing is downloaded"):
+    with pytest.raises(
+        FileNotFoundError, match="missing in .*cifar-10-batches-py: data_batch_3 .*nothing is downloaded"
+    ):
         write_cifar10_shards(tmp_path, tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="data_batch_1, .*test_batch, batches.meta"):
         write_cifar10_shards(tmp_path / "empty", tmp_path / "out")

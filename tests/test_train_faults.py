@@ -22,12 +22,21 @@ pytest.importorskip("webdataset")
 pytest.importorskip("composer")
 pytest.importorskip("lightning")
 
+from coap_plugins.recipes import RECIPES_DIR  # noqa: E402
 from coap_plugins.train.cli import main  # noqa: E402
 from coap_plugins.train.data import _write_all, write_digits_shards  # noqa: E402
 
-YAMLS = Path(__file__).parents[1] / "yamls"
-TINY = ["model.name=test_resnet", "data.train_samples=128", "data.batch_size=32", "data.eval_batch_size=128",
-        "progress_bar=false", "threads=1", "log_interval=1", "checkpoint.interval=null"]
+YAMLS = RECIPES_DIR
+TINY = [
+    "model.name=test_resnet",
+    "data.train_samples=128",
+    "data.batch_size=32",
+    "data.eval_batch_size=128",
+    "progress_bar=false",
+    "threads=1",
+    "log_interval=1",
+    "checkpoint.interval=null",
+]
 PROJECTED = 7  # test_resnet's weights that COAP projects: 1 matrix (the head) and 6 Tucker-2 convs
 
 
@@ -134,8 +143,15 @@ def _check_diverged(out, trainer, err, step, loss="nan"):
 @pytest.mark.parametrize("trainer", ["composer", "lightning"])
 def test_a_huge_learning_rate_stops_at_the_first_nonfinite_loss(tmp_path, trainer, capfd):
     out = tmp_path / "run"
-    code = _train(trainer, out, "optimizer.lr=1e6", "schedule.warmup=0ba", "max_duration=8ba", "eval_interval=8ba",
-                  "checkpoint.interval=1ba")
+    code = _train(
+        trainer,
+        out,
+        "optimizer.lr=1e6",
+        "schedule.warmup=0ba",
+        "max_duration=8ba",
+        "eval_interval=8ba",
+        "checkpoint.interval=1ba",
+    )
     assert code == 1
     first = next(r["step"] for r in _rows(out) if not math.isfinite(r["loss"]))
     assert 1 < first < 8  # it trained a few steps before blowing up
@@ -149,8 +165,9 @@ def _nan_shards(folder):
         image[0, 3:5, 3:5] = np.nan  # half the images hold a few NaN pixels
     labels = [i % 10 for i in range(160)]
     split = {"train": (images[:128], labels[:128]), "val": (images[128:], labels[128:])}
-    _write_all(folder, split, classes=[str(i) for i in range(10)], shard_size=64, source={"name": "nan"},
-               normalized=True)
+    _write_all(
+        folder, split, classes=[str(i) for i in range(10)], shard_size=64, source={"name": "nan"}, normalized=True
+    )
     return ["data.name=shards", f"data.path={folder}", "data.augment=none"]
 
 
@@ -162,8 +179,10 @@ def test_nan_images_stop_the_run_and_the_report_says_layers_never_set_up(tmp_pat
     summary, report = _check_diverged(out, trainer, capfd.readouterr().err, 1)
     # COAP skipped every non-finite gradient: no projected layer has state, which the report says
     assert len(summary["waiting_layers"]) == PROJECTED
-    assert (f"**{PROJECTED} projected layers never received a usable gradient**: their state is not counted "
-            "in the optimizer state below") in report
+    assert (
+        f"**{PROJECTED} projected layers never received a usable gradient**: their state is not counted "
+        "in the optimizer state below"
+    ) in report
 
 
 def test_stop_on_nonfinite_false_trains_on_and_reports_it(tmp_path, capfd):
@@ -177,7 +196,10 @@ def test_stop_on_nonfinite_false_trains_on_and_reports_it(tmp_path, capfd):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["diverged"]["step"] == 1 and summary["diverged"]["stopped"] is False and summary["steps"] == 3
     report = (out / "report.md").read_text()
-    assert "**Diverged**: the training loss was first nan at step 1; training went on (`stop_on_nonfinite: false`)." in report
+    assert (
+        "**Diverged**: the training loss was first nan at step 1; training went on (`stop_on_nonfinite: false`)."
+        in report
+    )
     assert f"**{PROJECTED} projected layers never received a usable gradient**" in report
 
 
@@ -216,8 +238,11 @@ def _drop_the_last_samples(path):
         (_truncate, r"ends at byte \d+ without the end-of-archive blocks: it is truncated"),
         (_truncate_in_a_member, r"cannot be read \(unexpected end of data\): it is truncated or corrupt"),
         (_damage_a_header, r"has an unreadable tar header at byte \d+: it is corrupt"),
-        (_drop_the_last_samples, r"disagrees with the index .*meta.json: the train shards hold 1345 samples, the index "
-                                 r"counts 1347 \(this shard holds 98, numbered 100 to 197\)"),
+        (
+            _drop_the_last_samples,
+            r"disagrees with the index .*meta.json: the train shards hold 1345 samples, the index "
+            r"counts 1347 \(this shard holds 98, numbered 100 to 197\)",
+        ),
     ],
 )
 def test_damaged_shards_are_refused_before_training(tmp_path, damage, problem, capfd):

@@ -15,17 +15,31 @@ pytest.importorskip("composer")
 pytest.importorskip("lightning")
 
 from _fakes import write_fake_cifar, write_png_folder  # noqa: E402  (tests/ helper)
+
+from coap_plugins.recipes import RECIPES_DIR  # noqa: E402
 from coap_plugins.train.cli import run  # noqa: E402
 from coap_plugins.train.common import RunInterrupted  # noqa: E402
 from coap_plugins.train.config import load_config  # noqa: E402
 from coap_plugins.train.data import main as coap_data  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
-YAMLS = ROOT / "yamls"
-DIGITS = ["resnet18_digits", "resnet18_digits_adamw", "resnet18_digits_adafactor", "resnet18_digits_8bit",
-          "unet_ddpm_digits", "unet_ddpm_digits_adamw"]
-QUICK = ["max_duration=3ba", "eval_interval=3ba", "checkpoint.interval=null", "progress_bar=false", "threads=1",
-         "log_interval=1"]
+YAMLS = RECIPES_DIR
+DIGITS = [
+    "resnet18_digits",
+    "resnet18_digits_adamw",
+    "resnet18_digits_adafactor",
+    "resnet18_digits_8bit",
+    "unet_ddpm_digits",
+    "unet_ddpm_digits_adamw",
+]
+QUICK = [
+    "max_duration=3ba",
+    "eval_interval=3ba",
+    "checkpoint.interval=null",
+    "progress_bar=false",
+    "threads=1",
+    "log_interval=1",
+]
 QUICK_DDPM = ["task.timesteps=20", "task.eval_timesteps=[2,10,18]", "task.num_samples=4"]
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -75,9 +89,14 @@ def test_digits_recipe_runs_end_to_end(tmp_path, trainer, recipe):
     cfg = load_config(YAMLS / trainer / f"{recipe}.yaml", [*QUICK, *extra, f"output_dir={tmp_path / 'run'}"])
     assert cfg.trainer == trainer
     summary = _check_outputs(tmp_path / "run", cfg, 3) if run(cfg) else None
-    expected = {"resnet18_digits": "CoapAdamW", "resnet18_digits_adamw": "AdamW",
-                "resnet18_digits_adafactor": "CoapAdafactor", "resnet18_digits_8bit": "CoapAdamW8bit",
-                "unet_ddpm_digits": "CoapAdamW", "unet_ddpm_digits_adamw": "AdamW"}[recipe]
+    expected = {
+        "resnet18_digits": "CoapAdamW",
+        "resnet18_digits_adamw": "AdamW",
+        "resnet18_digits_adafactor": "CoapAdafactor",
+        "resnet18_digits_8bit": "CoapAdamW8bit",
+        "unet_ddpm_digits": "CoapAdamW",
+        "unet_ddpm_digits_adamw": "AdamW",
+    }[recipe]
     assert summary["optimizer"] == expected and summary["coap"] is expected.startswith("Coap")
     if expected.startswith("Coap"):
         assert summary["state_bytes"] < 0.5 * summary["full_rank_state_bytes"]
@@ -87,9 +106,16 @@ def test_both_trainers_train_the_same_model(tmp_path):
     """Same recipe, same seed: Composer and Lightning runs log the same losses and metrics."""
     rows = {}
     for trainer in ("composer", "lightning"):
-        cfg = load_config(YAMLS / trainer / "resnet18_digits.yaml",
-                          [*QUICK, "max_duration=4ba", "coap.update_interval=2", "coap.reproject_factor=2",
-                           f"output_dir={tmp_path / trainer}"])
+        cfg = load_config(
+            YAMLS / trainer / "resnet18_digits.yaml",
+            [
+                *QUICK,
+                "max_duration=4ba",
+                "coap.update_interval=2",
+                "coap.reproject_factor=2",
+                f"output_dir={tmp_path / trainer}",
+            ],
+        )
         run(cfg)
         rows[trainer] = [{k: v for k, v in r.items() if k != "time"} for r in _rows(tmp_path / trainer)]
     assert len(rows["composer"]) == len(rows["lightning"]) == 6  # 4 train rows, evals at 3 and 4
@@ -112,8 +138,15 @@ def _final_params(trainer, folder):
 @pytest.mark.parametrize("trainer", ["composer", "lightning"])
 def test_resume_continues_to_the_same_parameters(tmp_path, trainer):
     # 256 training samples = 4 batches per epoch: 7 batches cross an epoch; stop mid-epoch after 3
-    args = [*QUICK, "max_duration=7ba", "eval_interval=7ba", "checkpoint.interval=3ba", "data.train_samples=256",
-            "coap.update_interval=2", "coap.reproject_factor=2"]
+    args = [
+        *QUICK,
+        "max_duration=7ba",
+        "eval_interval=7ba",
+        "checkpoint.interval=3ba",
+        "data.train_samples=256",
+        "coap.update_interval=2",
+        "coap.reproject_factor=2",
+    ]
     recipe = YAMLS / trainer / "resnet18_digits.yaml"
     whole = load_config(recipe, [*args, f"output_dir={tmp_path / 'whole'}"])
     run(whole)
@@ -132,40 +165,81 @@ def test_resume_continues_to_the_same_parameters(tmp_path, trainer):
 
 
 def test_resume_without_a_checkpoint_starts_fresh(tmp_path):
-    cfg = load_config(YAMLS / "composer" / "resnet18_digits_adamw.yaml",
-                      [*QUICK, "max_duration=2ba", "eval_interval=2ba", f"output_dir={tmp_path}", "checkpoint.resume=true"])
+    cfg = load_config(
+        YAMLS / "composer" / "resnet18_digits_adamw.yaml",
+        [*QUICK, "max_duration=2ba", "eval_interval=2ba", f"output_dir={tmp_path}", "checkpoint.resume=true"],
+    )
     assert run(cfg)["steps"] == 2
 
 
 def test_cifar10_recipes_on_a_fake_cifar_folder(tmp_path):
     write_fake_cifar(tmp_path / "cifar-10-batches-py", per_batch=8)
     assert coap_data(["cifar10", str(tmp_path), "--out", str(tmp_path / "shards")]) == 0
-    small = ["data.num_workers=0", "precision=fp32", "devices=1", "data.batch_size=8", "data.eval_batch_size=8",
-             f"data.path={tmp_path / 'shards'}"]
-    cfg = load_config(YAMLS / "composer" / "resnet18_cifar10.yaml", [*QUICK, *small, f"output_dir={tmp_path / 'resnet'}"])
+    small = [
+        "data.num_workers=0",
+        "precision=fp32",
+        "devices=1",
+        "data.batch_size=8",
+        "data.eval_batch_size=8",
+        f"data.path={tmp_path / 'shards'}",
+    ]
+    cfg = load_config(
+        YAMLS / "composer" / "resnet18_cifar10.yaml", [*QUICK, *small, f"output_dir={tmp_path / 'resnet'}"]
+    )
     summary = _check_outputs(tmp_path / "resnet", cfg, 3) if run(cfg) else None
     assert summary["optimizer"] == "CoapAdamW" and summary["final"]["accuracy"] >= 0
-    cfg = load_config(YAMLS / "lightning" / "unet_ddpm_cifar10.yaml",
-                      [*QUICK, *QUICK_DDPM, *small, "model.widths=[16,32,32,32]", "model.blocks_per_level=1",
-                       f"output_dir={tmp_path / 'ddpm'}"])
+    cfg = load_config(
+        YAMLS / "lightning" / "unet_ddpm_cifar10.yaml",
+        [
+            *QUICK,
+            *QUICK_DDPM,
+            *small,
+            "model.widths=[16,32,32,32]",
+            "model.blocks_per_level=1",
+            f"output_dir={tmp_path / 'ddpm'}",
+        ],
+    )
     summary = _check_outputs(tmp_path / "ddpm", cfg, 3) if run(cfg) else None
     assert summary["optimizer"] == "CoapAdamW" and summary["trainer"] == "lightning"
 
 
 def test_own_shards_template_on_an_imagefolder(tmp_path):
     write_png_folder(tmp_path / "images", {"cat": 12, "dog": 12})
-    assert coap_data(["imagefolder", str(tmp_path / "images"), "--out", str(tmp_path / "shards"), "--size", "16",
-                      "--shard-size", "8"]) == 0
-    cfg = load_config(YAMLS / "composer" / "own_shards.yaml",
-                      [*QUICK, "data.batch_size=4", "data.eval_batch_size=4", f"data.path={tmp_path / 'shards'}",
-                       f"output_dir={tmp_path / 'run'}", "checkpoint.resume=false"])
+    assert (
+        coap_data(
+            [
+                "imagefolder",
+                str(tmp_path / "images"),
+                "--out",
+                str(tmp_path / "shards"),
+                "--size",
+                "16",
+                "--shard-size",
+                "8",
+            ]
+        )
+        == 0
+    )
+    cfg = load_config(
+        YAMLS / "composer" / "own_shards.yaml",
+        [
+            *QUICK,
+            "data.batch_size=4",
+            "data.eval_batch_size=4",
+            f"data.path={tmp_path / 'shards'}",
+            f"output_dir={tmp_path / 'run'}",
+            "checkpoint.resume=false",
+        ],
+    )
     summary = _check_outputs(tmp_path / "run", cfg, 3) if run(cfg) else None
     assert summary["optimizer"] == "CoapAdamW"
 
 
 def test_data_errors_are_clear(tmp_path):
     cfg = load_config(YAMLS / "composer" / "own_shards.yaml", [f"data.path={tmp_path / 'nowhere'}"])
-    with pytest.raises(FileNotFoundError, match=r"Data folder not found: .*nowhere \(data.path; write shards with `coap-data"):
+    with pytest.raises(
+        FileNotFoundError, match=r"Data folder not found: .*nowhere \(data.path; write shards with `coap-data"
+    ):
         run(cfg)
     (tmp_path / "empty").mkdir()
     cfg = load_config(YAMLS / "composer" / "own_shards.yaml", [f"data.path={tmp_path / 'empty'}"])
@@ -173,8 +247,10 @@ def test_data_errors_are_clear(tmp_path):
         run(cfg)
     write_png_folder(tmp_path / "images", {"cat": 12, "dog": 12})
     coap_data(["imagefolder", str(tmp_path / "images"), "--out", str(tmp_path / "one"), "--size", "16"])
-    cfg = load_config(YAMLS / "composer" / "own_shards.yaml", [*QUICK, f"data.path={tmp_path / 'one'}",
-                                                              f"output_dir={tmp_path / 'run'}"])
+    cfg = load_config(
+        YAMLS / "composer" / "own_shards.yaml",
+        [*QUICK, f"data.path={tmp_path / 'one'}", f"output_dir={tmp_path / 'run'}"],
+    )
     with pytest.raises(ValueError, match=r"has 1 train shard\(s\) for 2 readers \(1 rank\(s\) x 2 worker\(s\)\)"):
         run(cfg)
 
@@ -184,11 +260,29 @@ def test_data_errors_are_clear(tmp_path):
 def test_two_process_ddp_from_yaml(tmp_path, trainer, data_cache):
     out = tmp_path / "run"
     # a clean launch environment: earlier in-process runs may have left rank variables behind
-    stale = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+    stale = (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "NODE_RANK",
+        "GROUP_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    )
     env = {k: v for k, v in os.environ.items() if k not in stale}
     env.update(COAP_DATA_CACHE=str(data_cache), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "coap_plugins.train.cli", str(YAMLS / trainer / "resnet18_digits.yaml"),
-           *QUICK, "max_duration=4ba", "eval_interval=4ba", "devices=2", f"output_dir={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "coap_plugins.train.cli",
+        str(YAMLS / trainer / "resnet18_digits.yaml"),
+        *QUICK,
+        "max_duration=4ba",
+        "eval_interval=4ba",
+        "devices=2",
+        f"output_dir={out}",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -206,7 +300,12 @@ def test_download_while_offline_says_so(tmp_path, monkeypatch):
         raise urllib.error.URLError("[Errno -2] Name or service not known")
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
-    cfg = load_config(YAMLS / "composer" / "resnet18_cifar10.yaml", [f"data.path={tmp_path / 'shards'}", "data.download=true"])
-    with pytest.raises(ConnectionError, match=r"Downloading CIFAR-10 into .*cifar10-raw failed \(URLError: .*\); "
-                                              r"this machine may be offline\. Put cifar-10-batches-py on disk"):
+    cfg = load_config(
+        YAMLS / "composer" / "resnet18_cifar10.yaml", [f"data.path={tmp_path / 'shards'}", "data.download=true"]
+    )
+    with pytest.raises(
+        ConnectionError,
+        match=r"Downloading CIFAR-10 into .*cifar10-raw failed \(URLError: .*\); "
+        r"this machine may be offline\. Put cifar-10-batches-py on disk",
+    ):
         run(cfg)

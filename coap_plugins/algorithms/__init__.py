@@ -6,9 +6,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._swap import CoapSettings, build_optimizer, rebind_lr_scheduler, translate_optimizer
+# framework-free pieces, re-exported where earlier versions documented them
+from ..settings import CoapSettings
+from ..translate import build_optimizer, rebind_lr_scheduler, translate_optimizer
 
-__all__ = ["CoapAlgorithm", "CoapCallback", "CoapSettings", "apply_coap", "build_optimizer", "rebind_lr_scheduler", "translate_optimizer"]
+__all__ = [
+    "CoapAlgorithm",
+    "CoapCallback",
+    "CoapSettings",
+    "apply_coap",
+    "build_optimizer",
+    "rebind_lr_scheduler",
+    "translate_optimizer",
+]
 
 _COMPOSER_NAMES = ("CoapAlgorithm", "apply_coap")
 _LIGHTNING_NAMES = ("CoapCallback",)

@@ -12,20 +12,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..driver import DrivenAdapter, RefreshDriver
 from ..optim import CoapOptimizer
-from ..policy import CoapPolicy
-from ..projection import DEFAULT_MIN_CONV_NUMEL
-from ._swap import (
-    CoapSettings,
+from ..settings import CoapSettings, takes_settings
+from ..telemetry import refresh_metrics, routing_summary, routing_table
+from ..translate import (
     build_optimizer,
     find_coap_optimizers,
     rebind_lr_scheduler,
-    refresh_metrics,
     remember_routing,
     reroute_groups,
-    routing_summary,
-    routing_table,
-    settle_refresh,
     translate_optimizer,
 )
 
@@ -85,13 +81,15 @@ def apply_coap(
         >>> type(opt).__name__
         'CoapAdamW'
     """
-    cfg = settings.pop("_settings", None) or CoapSettings(**settings)
+    cfg = CoapSettings.from_arguments("apply_coap", **settings)
     if optimizers is None:
         return build_optimizer(model, cfg)
     single = isinstance(optimizers, torch.optim.Optimizer)
     olds = [optimizers] if single else list(optimizers)
     news = [translate_optimizer(o, model, cfg) for o in olds]
-    for sched in [schedulers] if schedulers is not None and not isinstance(schedulers, (list, tuple)) else (schedulers or []):
+    for sched in (
+        [schedulers] if schedulers is not None and not isinstance(schedulers, (list, tuple)) else (schedulers or [])
+    ):
         for old, new in zip(olds, news):
             rebind_lr_scheduler(sched, old, new)
     if single:
@@ -99,7 +97,7 @@ def apply_coap(
     return type(optimizers)(news) if isinstance(optimizers, (list, tuple)) else news
 
 
-class CoapAlgorithm(Algorithm):
+class CoapAlgorithm(DrivenAdapter, Algorithm):
     """Train with COAP: the Trainer's AdamW/Adafactor becomes its low-rank projected counterpart.
 
     At ``Event.INIT`` every optimizer in ``state.optimizers`` is replaced (AdamW, Adam and
@@ -136,25 +134,14 @@ class CoapAlgorithm(Algorithm):
     FSDP is refused.
 
     Args:
-        optimizer: ``"auto"`` or a COAP optimizer name to use whatever the user passed (keeping
-            its groups' lr and weight decay) (default ``"auto"``).
-        eight_bit: 8-bit moments (default False).
-        rank: matrix rank when no ratio is given (default None).
-        rank_ratio_matrix: matrix rank = min(m, n) // ratio (default None: 4).
-        rank_ratio_conv: Tucker-2 rank ratio (default None: 4).
-        rank_ratio_cnn: alias of ``rank_ratio_conv``, the reference implementation's name
-            (default None); giving both with different values is an error.
-        min_conv_numel: convs with at most this many elements stay full rank (default 9216).
-        exclude: parameter-name patterns kept full rank, e.g. ``["fc"]`` (default ()).
-        policy: a :class:`~coap_plugins.CoapPolicy` instead of the four arguments above (default None).
-        update_interval: T_u, optimizer steps (int) or batches (``"32ba"``) (default 32).
-        reproject_factor: every lambda-th refresh is an SVD recalibration (default 5).
-        restore_state: carry moments into a new basis (default False).
-        seed: base seed of the projectors (default 0).
-        lr: learning rate when Composer had no optimizer (default 1e-3).
-        betas: Adam betas when Composer had no optimizer (default (0.9, 0.999)).
-        eps: Adam eps when Composer had no optimizer (default 1e-8).
-        weight_decay: AdamW weight decay when Composer had no optimizer (default 1e-2).
+        optimizer: ``"auto"`` (translate the user's optimizer) or a COAP optimizer name to use
+            whatever the user passed, keeping its groups' lr and weight decay (default ``"auto"``).
+        **settings: every other :class:`~coap_plugins.settings.CoapSettings` field, declared and
+            validated there once (``eight_bit``, ``rank``, ``rank_ratio_matrix``,
+            ``rank_ratio_conv`` or its alias ``rank_ratio_cnn``, ``min_conv_numel``, ``exclude``,
+            ``policy``, ``update_interval``, ``reproject_factor``, ``restore_state``, ``seed``, and
+            ``lr``, ``betas``, ``eps``, ``weight_decay`` for when there is no user optimizer);
+            ``inspect.signature`` lists them with their types and defaults.
         on_foreign_checkpoint: ``"error"`` or ``"fresh"`` when resuming a checkpoint written
             without CoapAlgorithm, or one whose optimizer state Composer could not restore into
             the COAP optimizer (written with ``SAM``, which saves its wrapper's state only)
@@ -179,45 +166,18 @@ class CoapAlgorithm(Algorithm):
             trainer.fit()
     """
 
-    def __init__(
-        self,
-        optimizer: str = "auto",
-        *,
-        eight_bit: bool = False,
-        rank: int | None = None,
-        rank_ratio_matrix: float | None = None,
-        rank_ratio_conv: float | None = None,
-        min_conv_numel: int = DEFAULT_MIN_CONV_NUMEL,
-        exclude: Sequence[str] = (),
-        policy: CoapPolicy | None = None,
-        update_interval: int | str = 32,
-        reproject_factor: int = 5,
-        restore_state: bool = False,
-        seed: int = 0,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        on_foreign_checkpoint: str = "error",
-        rank_ratio_cnn: float | None = None,
-    ) -> None:
-        self.settings = CoapSettings(
-            optimizer=optimizer, eight_bit=eight_bit, rank=rank, rank_ratio_matrix=rank_ratio_matrix,
-            rank_ratio_conv=rank_ratio_conv, min_conv_numel=min_conv_numel, exclude=tuple(exclude), policy=policy,
-            update_interval=update_interval, reproject_factor=reproject_factor, restore_state=restore_state,
-            seed=seed, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank_ratio_cnn=rank_ratio_cnn,
-        )
+    @takes_settings
+    def __init__(self, optimizer: str = "auto", *, on_foreign_checkpoint: str = "error", **settings: Any) -> None:
+        self.settings = CoapSettings.from_arguments("CoapAlgorithm", optimizer=optimizer, **settings)
         if on_foreign_checkpoint not in _FRESH_CHOICES:
             raise ValueError(f"Invalid on_foreign_checkpoint: {on_foreign_checkpoint!r} (expected 'error' or 'fresh')")
         self.on_foreign_checkpoint = on_foreign_checkpoint
-        self.schedule = self.settings.schedule()
-        self.steps = 0  # optimizer steps taken under this algorithm (the schedule position)
-        self.refreshes: list[tuple[int, str]] = []  # (step, kind) of every refresh an optimizer step ran
+        self.driver = RefreshDriver(self.settings)
         self._replaced: list[tuple[torch.optim.Optimizer, CoapOptimizer]] = []
-        self._remembered_routing: dict[int, dict[int, str]] = {}  # id(optimizer) -> kinds, for optimizers the user built
-        self._pending = "none"
-        self._requested: list[CoapOptimizer] = []
-        self._loaded: dict[str, Any] | None = None
+        self._remembered_routing: dict[
+            int, dict[int, str]
+        ] = {}  # id(optimizer) -> kinds, for optimizers the user built
+        self._stepped = False  # this batch's position advanced (SAM runs AFTER_TRAIN_BATCH once per closure)
         self._routing_logged = False
 
     def __repr__(self) -> str:
@@ -234,21 +194,21 @@ class CoapAlgorithm(Algorithm):
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        sd.update(
-            steps=self.steps,
-            update_interval=self.settings.interval,
-            reproject_factor=self.settings.reproject_factor,
-            optimizer_classes=[type(new).__name__ for _, new in self._replaced],
-        )
+        sd.update(self.driver.state_dict())
         return sd
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._loaded = dict(state)
+        self.driver.load_state_dict(state)
 
     # -- events ------------------------------------------------------------------------------
     def match(self, event: Event, state: State) -> bool:
         return event in (
-            Event.INIT, Event.BEFORE_LOAD, Event.AFTER_LOAD, Event.FIT_START, Event.AFTER_TRAIN_BATCH, Event.BATCH_END,
+            Event.INIT,
+            Event.BEFORE_LOAD,
+            Event.AFTER_LOAD,
+            Event.FIT_START,
+            Event.AFTER_TRAIN_BATCH,
+            Event.BATCH_END,
         )
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
@@ -266,28 +226,23 @@ class CoapAlgorithm(Algorithm):
             self._log_routing(logger)
             self._rebind(state)
         elif event == Event.AFTER_TRAIN_BATCH:
-            # SAM runs this event twice per batch (one per closure): requesting again is harmless
-            optimizers = self._coap_optimizers(state)
-            kind = self.schedule.refresh_at(self.steps + 1)
-            if kind != "none":
-                for opt in optimizers:
-                    opt.request_refresh(kind)
-                self._requested = optimizers
-            self._pending = kind
+            if not self._stepped:
+                self._check_reachable(state)
+                for i in range(len(self.driver.optimizers)):
+                    self.driver.before_step(i)
+                self._stepped = True
         elif event == Event.BATCH_END:
-            self.steps += 1
-            if self._pending != "none":
-                ran = [settle_refresh(opt) for opt in self._requested]
-                if any(ran):
-                    self.refreshes.append((self.steps, self._pending))
-                    self._log_refresh([opt for opt, r in zip(self._requested, ran) if r], logger)
-                if not all(ran):
-                    log.warning(
-                        "CoapAlgorithm: the %s refresh of step %d did not run on %d of %d COAP optimizer(s) (their "
-                        "step was skipped); withdrawn", self._pending, self.steps, ran.count(False), len(ran),
-                    )
-            self._pending = "none"
-            self._requested = []
+            self._stepped = False
+            ran, withdrawn = self.driver.after_batch()
+            if ran:
+                logger.log_metrics(refresh_metrics(ran))
+            for opt, step, kind in withdrawn:
+                log.warning(
+                    "CoapAlgorithm: the %s refresh of step %d did not run on %s (its step was skipped); withdrawn",
+                    kind,
+                    step,
+                    type(opt).__name__,
+                )
 
     def _check_parallelism(self, state: State) -> None:
         if getattr(state, "fsdp_config", None) is not None or getattr(state, "fsdp_enabled", False):
@@ -298,9 +253,9 @@ class CoapAlgorithm(Algorithm):
         if getattr(state, "tp_config", None) is not None:
             raise ValueError("CoapAlgorithm does not support tensor parallelism: remove parallelism_config['tp']")
 
-    def _coap_optimizers(self, state: State) -> list[CoapOptimizer]:
+    def _check_reachable(self, state: State) -> None:
         found = find_coap_optimizers(state.optimizers)
-        if not found:
+        if not any(o is opt for o in found for opt in self.driver.optimizers):
             names = ", ".join(type(o).__name__ for o in state.optimizers) or "none"
             raise RuntimeError(
                 f"CoapAlgorithm found no COAP optimizer in state.optimizers ({names}), not even behind a wrapper's "
@@ -308,15 +263,19 @@ class CoapAlgorithm(Algorithm):
                 "built, and no projector would be refreshed. Remove the algorithm that rebuilds the optimizer, or "
                 "CoapAlgorithm"
             )
-        return found
 
     def _reroute(self, state: State) -> None:
         # module surgery after the swap (BlurPool listed after this algorithm) replaces parameters
         # inside the groups: re-derive the per-parameter routing from what the groups hold now
         assert self.settings.policy is not None
         for old, new in self._replaced:
-            reroute_groups(new, state.model, self.settings.policy, own_routing=old is new,
-                           remembered=self._remembered_routing.get(id(new)))
+            reroute_groups(
+                new,
+                state.model,
+                self.settings.policy,
+                own_routing=old is new,
+                remembered=self._remembered_routing.get(id(new)),
+            )
 
     def _swap(self, state: State, logger: Logger) -> None:
         self._check_parallelism(state)
@@ -327,16 +286,19 @@ class CoapAlgorithm(Algorithm):
                 new = old  # the user's own routing: kept; parameters that surgery adds are routed by the policy
                 self._remembered_routing[id(new)] = remember_routing(new)
             elif _is_composer_default_sgd(old, model):
-                log.info("CoapAlgorithm: no optimizer was given; building %s(lr=%s)",
-                         self.settings.optimizer_class("adamw").__name__, self.settings.lr)
+                log.info(
+                    "CoapAlgorithm: no optimizer was given; building %s(lr=%s)",
+                    self.settings.optimizer_class("adamw").__name__,
+                    self.settings.lr,
+                )
                 new = build_optimizer(model, self.settings)
             else:
                 new = translate_optimizer(old, model, self.settings)
-            new.drive_refreshes_externally()
             self._replaced.append((old, new))
             new_opts.append(new)
         if not new_opts:
             raise ValueError("CoapAlgorithm found no optimizer to replace (the model has no trainable parameters?)")
+        self.driver.bind(new_opts)
         state.optimizers = new_opts
 
     def _rebind(self, state: State) -> None:
@@ -348,36 +310,25 @@ class CoapAlgorithm(Algorithm):
     def _after_load(self, state: State, logger: Logger) -> None:
         resumed = int(state.timestamp.batch) > 0
         mine = [type(new).__name__ for _, new in self._replaced]
-        if self._loaded is not None:
-            saved = self._loaded.get("optimizer_classes", mine)
-            if list(saved) != mine:
-                raise ValueError(
-                    f"The checkpoint was written with COAP optimizer(s) {saved} but this CoapAlgorithm builds {mine}: "
-                    "Composer would skip the optimizer state. Use the same optimizer/eight_bit settings as the run that "
-                    "wrote it"
-                )
-            for key in ("update_interval", "reproject_factor"):
-                if key in self._loaded and self._loaded[key] != getattr(self.settings, "interval" if key == "update_interval" else key):
-                    raise ValueError(
-                        f"The checkpoint was written with {key}={self._loaded[key]} but this CoapAlgorithm has "
-                        f"{key}={getattr(self.settings, 'interval' if key == 'update_interval' else key)}: use the same value"
-                    )
-            self.steps = int(self._loaded.get("steps", 0))
-            self._loaded = None
+        if self.driver.loaded is not None:
+            self.driver.check_compatible()
             if self.steps > 0 and not any(new.state for _, new in self._replaced):
                 self._lost_state(logger, mine)
         elif resumed:
             if self.on_foreign_checkpoint == "error":
                 raise ValueError(
-                    f"The checkpoint was written without CoapAlgorithm (at batch {int(state.timestamp.batch)}): its optimizer "
-                    f"state does not belong to {', '.join(mine)} and Composer would drop it with only a warning. Resume "
+                    f"The checkpoint was written without CoapAlgorithm (at batch {int(state.timestamp.batch)}): "
+                    "its optimizer "
+                    f"state does not belong to {', '.join(mine)} and Composer would drop it with only a warning. "
+                    "Resume "
                     "without CoapAlgorithm, load only the weights (load_weights_only=True), or pass "
                     "CoapAlgorithm(on_foreign_checkpoint='fresh') to start the COAP optimizer state from scratch"
                 )
-            log.warning("CoapAlgorithm: the checkpoint has no COAP state; starting the optimizer state fresh at batch %d",
-                        int(state.timestamp.batch))
+            log.warning(
+                "CoapAlgorithm: the checkpoint has no COAP state; starting the optimizer state fresh at batch %d",
+                int(state.timestamp.batch),
+            )
             logger.log_hyperparameters({"coap/fresh_start": True, "coap/fresh_start_batch": int(state.timestamp.batch)})
-            self.steps = 0
 
     def _lost_state(self, logger: Logger, mine: list[str]) -> None:
         # e.g. SAM: Composer saves the SAMOptimizer wrapper's state_dict, which holds none of the
@@ -400,6 +351,3 @@ class CoapAlgorithm(Algorithm):
         log.info(routing_summary(optimizers))
         logger.log_hyperparameters(routing_table(optimizers))
         self._routing_logged = True
-
-    def _log_refresh(self, optimizers: list[CoapOptimizer], logger: Logger) -> None:
-        logger.log_metrics(refresh_metrics(optimizers))

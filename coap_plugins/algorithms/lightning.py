@@ -6,25 +6,15 @@ The only module of the package that imports Lightning.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from ..driver import DrivenAdapter, RefreshDriver
 from ..optim import CoapOptimizer
-from ..policy import CoapPolicy
-from ..projection import DEFAULT_MIN_CONV_NUMEL
-from ._swap import (
-    CoapSettings,
-    build_optimizer,
-    find_coap_optimizers,
-    rebind_lr_scheduler,
-    refresh_metrics,
-    routing_summary,
-    routing_table,
-    settle_refresh,
-    translate_optimizer,
-)
+from ..settings import CoapSettings, takes_settings
+from ..telemetry import refresh_metrics, routing_summary, routing_table
+from ..translate import build_optimizer, find_coap_optimizers, rebind_lr_scheduler, translate_optimizer
 
 try:
     import lightning.pytorch as pl
@@ -37,7 +27,7 @@ except ImportError as e:  # pragma: no cover - exercised only without lightning
         "coap_plugins.algorithms.lightning needs PyTorch Lightning: pip install 'coap-plugins[lightning]'"
     ) from e
 
-__all__ = ["CoapCallback", "DigitsClassifier", "cli_main"]
+__all__ = ["CoapCallback"]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +36,7 @@ _SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrate
 _MISSING = object()
 
 
-class CoapCallback(Callback):
+class CoapCallback(DrivenAdapter, Callback):
     """Train with COAP: the AdamW/Adafactor that ``configure_optimizers`` returns becomes its
     low-rank projected counterpart.
 
@@ -87,25 +77,14 @@ class CoapCallback(Callback):
     itself refuses two with equal settings, as their state keys collide).
 
     Args:
-        optimizer: ``"auto"`` or a COAP optimizer name to use whatever the user returned (keeping
-            its groups' lr and weight decay) (default ``"auto"``).
-        eight_bit: 8-bit moments (default False).
-        rank: matrix rank when no ratio is given (default None).
-        rank_ratio_matrix: matrix rank = min(m, n) // ratio (default None: 4).
-        rank_ratio_conv: Tucker-2 rank ratio (default None: 4).
-        rank_ratio_cnn: alias of ``rank_ratio_conv``, the reference implementation's name
-            (default None); giving both with different values is an error.
-        min_conv_numel: convs with at most this many elements stay full rank (default 9216).
-        exclude: parameter-name patterns kept full rank, e.g. ``["fc"]`` (default ()).
-        policy: a :class:`~coap_plugins.CoapPolicy` instead of the four arguments above (default None).
-        update_interval: T_u, optimizer steps (int) or ``"32ba"`` (default 32).
-        reproject_factor: every lambda-th refresh is an SVD recalibration (default 5).
-        restore_state: carry moments into a new basis (default False).
-        seed: base seed of the projectors (default 0).
-        lr: learning rate when ``configure_optimizers`` returns None (default 1e-3).
-        betas: Adam betas when ``configure_optimizers`` returns None (default (0.9, 0.999)).
-        eps: Adam eps when ``configure_optimizers`` returns None (default 1e-8).
-        weight_decay: AdamW weight decay when ``configure_optimizers`` returns None (default 1e-2).
+        optimizer: ``"auto"`` (translate the user's optimizer) or a COAP optimizer name to use
+            whatever the user passed, keeping its groups' lr and weight decay (default ``"auto"``).
+        **settings: every other :class:`~coap_plugins.settings.CoapSettings` field, declared and
+            validated there once (``eight_bit``, ``rank``, ``rank_ratio_matrix``,
+            ``rank_ratio_conv`` or its alias ``rank_ratio_cnn``, ``min_conv_numel``, ``exclude``,
+            ``policy``, ``update_interval``, ``reproject_factor``, ``restore_state``, ``seed``, and
+            ``lr``, ``betas``, ``eps``, ``weight_decay`` for when there is no user optimizer);
+            ``inspect.signature`` lists them with their types and defaults.
 
     Raises:
         MisconfigurationException: a setting is invalid (at construction), the optimizer cannot
@@ -121,46 +100,16 @@ class CoapCallback(Callback):
             trainer.fit(model, train_loader)  # model.configure_optimizers returns AdamW (+ a scheduler)
     """
 
-    def __init__(
-        self,
-        optimizer: str = "auto",
-        *,
-        eight_bit: bool = False,
-        rank: int | None = None,
-        rank_ratio_matrix: float | None = None,
-        rank_ratio_conv: float | None = None,
-        min_conv_numel: int = DEFAULT_MIN_CONV_NUMEL,
-        exclude: Sequence[str] = (),
-        policy: CoapPolicy | None = None,
-        update_interval: int | str = 32,
-        reproject_factor: int = 5,
-        restore_state: bool = False,
-        seed: int = 0,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        rank_ratio_cnn: float | None = None,
-    ) -> None:
+    @takes_settings
+    def __init__(self, optimizer: str = "auto", **settings: Any) -> None:
         try:
-            self.settings = CoapSettings(
-                optimizer=optimizer, eight_bit=eight_bit, rank=rank, rank_ratio_matrix=rank_ratio_matrix,
-                rank_ratio_conv=rank_ratio_conv, min_conv_numel=min_conv_numel, exclude=tuple(exclude),
-                policy=policy, update_interval=update_interval, reproject_factor=reproject_factor,
-                restore_state=restore_state, seed=seed, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                rank_ratio_cnn=rank_ratio_cnn,
-            )
+            self.settings = CoapSettings.from_arguments("CoapCallback", optimizer=optimizer, **settings)
         except ValueError as e:
             raise MisconfigurationException(str(e)) from e
-        self.schedule = self.settings.schedule()
-        self.refreshes: list[tuple[int, str]] = []  # (step, kind) of every refresh a step ran (first optimizer)
-        self._requested: list[tuple[int, CoapOptimizer, int, str]] = []  # (index, optimizer, step, kind) this batch
-        self._steps: list[int] = []  # optimizer steps taken under this callback, per COAP optimizer
+        self.driver = RefreshDriver(self.settings, adapter="CoapCallback")
         self._replaced: list[tuple[torch.optim.Optimizer | None, CoapOptimizer]] = []
         self._module: pl.LightningModule | None = None
         self._original: Any = _MISSING
-        self._loaded: dict[str, Any] | None = None
-        self._to_log = False
         self._routing_logged = False
 
     def __repr__(self) -> str:
@@ -169,11 +118,6 @@ class CoapCallback(Callback):
             f"CoapCallback(optimizer={s.optimizer!r}, eight_bit={s.eight_bit}, update_interval={s.interval}, "
             f"reproject_factor={s.reproject_factor}, policy={s.policy!r})"
         )
-
-    @property
-    def steps(self) -> int:
-        """Optimizer steps of the first COAP optimizer taken under this callback (the schedule position)."""
-        return self._steps[0] if self._steps else 0
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -185,20 +129,20 @@ class CoapCallback(Callback):
 
     def _identity(self) -> dict[str, Any]:
         s = self.settings
-        return dict(optimizer=s.optimizer, eight_bit=s.eight_bit, update_interval=s.interval,
-                    reproject_factor=s.reproject_factor)
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
         return dict(
-            steps=list(self._steps),
-            **self._identity(),
-            optimizer_classes=[type(new).__name__ for _, new in self._replaced],
+            optimizer=s.optimizer,
+            eight_bit=s.eight_bit,
+            update_interval=s.interval,
+            reproject_factor=s.reproject_factor,
         )
 
     @override
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.driver.state_dict(), **self._identity()}
+
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._loaded = dict(state_dict)
+        self.driver.load_state_dict(state_dict)
 
     @override
     def on_load_checkpoint(
@@ -236,7 +180,8 @@ class CoapCallback(Callback):
         sharded = [c.__name__ for c in strategy.__mro__ if c.__name__ in _SHARDED_STRATEGIES]
         if sharded:
             raise MisconfigurationException(
-                f"CoapCallback does not support {sharded[0]} (strategy {strategy.__name__}): its projectors need whole, "
+                f"CoapCallback does not support {sharded[0]} (strategy {strategy.__name__}): its projectors need "
+                "whole, "
                 "unsharded gradients. Use strategy='ddp' (or a single device), or remove CoapCallback"
             )
         current = pl_module.configure_optimizers
@@ -281,12 +226,14 @@ class CoapCallback(Callback):
 
     def _swap(self, conf: Any, pl_module: pl.LightningModule) -> Any:
         if conf is None:
-            log.info("CoapCallback: configure_optimizers returned None; building %s(lr=%s)",
-                     self.settings.optimizer_class("adamw").__name__, self.settings.lr)
+            log.info(
+                "CoapCallback: configure_optimizers returned None; building %s(lr=%s)",
+                self.settings.optimizer_class("adamw").__name__,
+                self.settings.lr,
+            )
             new = build_optimizer(pl_module, self.settings)
-            new.drive_refreshes_externally()
             self._replaced = [(None, new)]
-            self._steps = [0]
+            self.driver.bind([new])
             return new
         replaced: dict[int, tuple[torch.optim.Optimizer, CoapOptimizer]] = {}
         returned: dict[int, torch.optim.Optimizer] = {}  # what Lightning gets in place of each optimizer
@@ -305,7 +252,6 @@ class CoapCallback(Callback):
                             new = translate_optimizer(obj, pl_module, self.settings, adapter="CoapCallback")
                         except ValueError as e:
                             raise MisconfigurationException(str(e)) from e
-                    new.drive_refreshes_externally()
                     replaced[id(obj)] = (obj, new)
                     returned[id(obj)] = obj if inner else new
                 return returned[id(obj)]
@@ -327,23 +273,18 @@ class CoapCallback(Callback):
                 if returned[id(old)] is new and old is not new:
                     rebind_lr_scheduler(sched, old, new)
         self._replaced = list(replaced.values())
-        loaded = self._loaded.get("steps") if self._loaded else None
-        self._steps = [int(s) for s in loaded] if loaded and len(loaded) == len(self._replaced) else [0] * len(self._replaced)
+        self.driver.bind([new for _, new in self._replaced])
         return out
 
     # -- checks once everything is built ------------------------------------------------------
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._requested = []
         mine = [type(new).__name__ for _, new in self._replaced]
-        if self._loaded is not None:
-            saved = list(self._loaded.get("optimizer_classes", mine))
-            if saved != mine:
-                raise MisconfigurationException(
-                    f"The checkpoint was written with COAP optimizer(s) {saved} but this CoapCallback builds {mine}: "
-                    "use the same optimizer/eight_bit settings as the run that wrote it"
-                )
-            self._loaded = None
+        if self.driver.loaded is not None:
+            try:
+                self.driver.check_compatible()
+            except ValueError as e:
+                raise MisconfigurationException(str(e)) from e
         elif trainer.ckpt_path is not None:  # a checkpoint with no callback states at all
             raise MisconfigurationException(
                 f"The checkpoint {trainer.ckpt_path} has no CoapCallback state (written without CoapCallback, or "
@@ -355,16 +296,23 @@ class CoapCallback(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning restores the optimizer state after on_fit_start: check it arrived
-        if any(self._steps) and not any(new.state for _, new in self._replaced):
+        if any(self.driver.positions) and not any(new.state for _, new in self._replaced):
             wrappers = [
-                type(old).__name__ for old, new in self._replaced
+                type(old).__name__
+                for old, new in self._replaced
                 if old is not None and old is not new and any(o is new for o in find_coap_optimizers([old]))
             ]
             raise MisconfigurationException(
-                f"The checkpoint was written after {max(self._steps)} COAP step(s) but Lightning restored no state into "
+                f"The checkpoint was written after {max(self.driver.positions)} COAP step(s) but Lightning "
+                "restored no state into "
                 f"{', '.join(type(new).__name__ for _, new in self._replaced)}"
-                + (f": the optimizer Lightning saves is {', '.join(wrappers)}, whose state_dict does not hold the state "
-                   "of the COAP optimizer it wraps (make its state_dict/load_state_dict include it)" if wrappers else "")
+                + (
+                    f": the optimizer Lightning saves is {', '.join(wrappers)}, whose state_dict does not hold "
+                    "the state "
+                    "of the COAP optimizer it wraps (make its state_dict/load_state_dict include it)"
+                    if wrappers
+                    else ""
+                )
                 + ". The moments and projectors would restart from scratch"
             )
 
@@ -373,35 +321,25 @@ class CoapCallback(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        inner = find_coap_optimizers([optimizer])
-        for i, (_, opt) in enumerate(self._replaced):
-            if opt is optimizer or any(opt is o for o in inner):
-                break
-        else:
-            return  # not one of ours (an optimizer configure_optimizers did not return)
-        step = self._steps[i] + 1
-        kind = self.schedule.refresh_at(step)
-        if kind != "none":
-            opt.request_refresh(kind)
-            self._requested.append((i, opt, step, kind))
-        self._steps[i] = step
+        index = self.driver.index_of(optimizer)
+        if index is not None:  # else not one of ours (an optimizer configure_optimizers did not return)
+            self.driver.before_step(index)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        requested, self._requested = self._requested, []
-        for i, opt, step, kind in requested:
-            if settle_refresh(opt):
-                if i == 0:
-                    self.refreshes.append((step, kind))
-                self._to_log = True
-            else:
-                log.warning("CoapCallback: the %s refresh of step %d did not run (the optimizer step was skipped); "
-                            "withdrawn", kind, step)
-        if self._to_log:
-            self._log_refresh(trainer)
-            self._to_log = False
+        ran, withdrawn = self.driver.after_batch()
+        for _, step, kind in withdrawn:
+            log.warning(
+                "CoapCallback: the %s refresh of step %d did not run (the optimizer step was skipped); withdrawn",
+                kind,
+                step,
+            )
+        if ran:
+            metrics = refresh_metrics([opt for _, opt in self._replaced])
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
 
     # -- logging -----------------------------------------------------------------------------
     def _log_routing(self, trainer: pl.Trainer) -> None:
@@ -413,78 +351,3 @@ class CoapCallback(Callback):
         for logger in trainer.loggers:
             logger.log_hyperparams(table)
         self._routing_logged = True
-
-    def _log_refresh(self, trainer: pl.Trainer) -> None:
-        metrics = refresh_metrics([opt for _, opt in self._replaced])
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-
-
-# -- the LightningCLI recipe (yamls/lightning/) ----------------------------------------------
-class DigitsClassifier(pl.LightningModule):
-    """The example model of the ``yamls/lightning/`` recipes: an example network on scikit-learn's
-    bundled digits (nothing is downloaded), with its own data loaders.
-
-    It defines no ``configure_optimizers``: LightningCLI builds one from the YAML's ``optimizer``
-    and ``lr_scheduler`` sections, and :class:`CoapCallback` swaps the optimizer it returns.
-
-    Args:
-        arch: ``"small_cnn"`` or ``"small_resnet"`` (default ``"small_cnn"``).
-        size: image side the 8x8 digits are upsampled to (default 16).
-        batch_size: training batch size (default 64).
-        train_samples: how many training images to use, None for all (default None).
-    """
-
-    def __init__(self, arch: str = "small_cnn", size: int = 16, batch_size: int = 64,
-                 train_samples: int | None = None) -> None:
-        super().__init__()
-        from ..examples import SmallCNN, SmallResNet
-
-        nets = {"small_cnn": SmallCNN, "small_resnet": SmallResNet}
-        if arch not in nets:
-            raise MisconfigurationException(f"Invalid arch: {arch!r} (expected one of {', '.join(nets)})")
-        self.save_hyperparameters()
-        self.net = nets[arch]()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = torch.nn.functional.cross_entropy(self(x), y)
-        self.log("train/loss", loss)
-        return loss
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch
-        self.log("val/accuracy", (self(x).argmax(1) == y).float().mean())
-
-    def _data(self) -> Any:
-        from ..examples import load_digits_tensors
-
-        return load_digits_tensors(size=self.hparams.size)
-
-    def train_dataloader(self) -> torch.utils.data.DataLoader:
-        d = self._data()
-        n = self.hparams.train_samples or len(d.y_train)
-        ds = torch.utils.data.TensorDataset(d.x_train[:n], d.y_train[:n])
-        return torch.utils.data.DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> torch.utils.data.DataLoader:
-        d = self._data()
-        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(d.x_test, d.y_test), batch_size=256)
-
-
-def cli_main(args: Any = None) -> Any:
-    """``python -m coap_plugins.algorithms.lightning fit --config yamls/lightningcli/small_cnn_digits.yaml``:
-    LightningCLI over any LightningModule (``model.class_path``); returns the ``LightningCLI``."""
-    try:
-        from lightning.pytorch.cli import LightningCLI
-    except ImportError as e:  # pragma: no cover - exercised only without jsonargparse
-        raise ImportError("the Lightning CLI needs jsonargparse: pip install 'coap-plugins[lightning]'") from e
-    return LightningCLI(pl.LightningModule, subclass_mode_model=True, args=args,
-                        save_config_kwargs={"overwrite": True})
-
-
-if __name__ == "__main__":  # pragma: no cover
-    cli_main()

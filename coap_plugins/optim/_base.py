@@ -27,12 +27,23 @@ from typing import Any, Callable, Literal
 import torch
 from torch.optim import Optimizer
 
-from ..projection import PROJECTION_KINDS, Projector, build_projector
-from .._checks import check_min_numel, check_positive_int, check_rank, check_ratio
+from .._checks import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_min_numel,
+    check_positive_int,
+    check_projection,
+    check_projection_reasons,
+    check_rank,
+    check_ratio,
+)
+from ..projection import PROJECTION_KINDS, Projector
+from ..projection.routing import PROJECTION_REASONS, policy_reason, route_in_group
 from ..schedule import ProjectionSchedule
 from ._storage import MomentStorage
 
-__all__ = ["CoapOptimizer", "COAP_GROUP_KEYS"]
+__all__ = ["CoapOptimizer", "COAP_GROUP_KEYS", "coap_defaults"]
 
 # Settings that decide the shapes of the state: a checkpoint must agree on them to be loaded.
 COAP_GROUP_KEYS = ("projection", "rank", "rank_ratio_matrix", "rank_ratio_conv", "min_conv_numel")
@@ -63,6 +74,12 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.sum()))
 
 
+def coap_defaults(**settings: Any) -> dict[str, Any]:
+    """The COAP part of an optimizer's ``defaults`` (the per-group settings every form shares):
+    ``settings`` plus the automatic projection kind and the optimizer's own refresh schedule."""
+    return dict(projection="auto", **settings, schedule="optimizer")
+
+
 class CoapOptimizer(Optimizer):
     """Base class of the COAP optimizers (not used directly)."""
 
@@ -71,6 +88,9 @@ class CoapOptimizer(Optimizer):
     # copy (deepcopy, pickle, torch.save of the whole optimizer) must keep reading its moments
     # the way they were written.
     storage_class: type[MomentStorage] = MomentStorage
+    # the moments (state keys) that are never negative: the 8-bit storage keeps them with the
+    # unsigned code map.  Each optimizer names its own.
+    nonnegative_moments: frozenset[str] = frozenset()
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         self._init_runtime()
@@ -80,7 +100,7 @@ class CoapOptimizer(Optimizer):
 
     def _init_runtime(self) -> None:
         """Caches that are not state: rebuilt after a copy or an unpickle."""
-        self._storage = self.storage_class()
+        self._storage = self.storage_class(self.nonnegative_moments)
         self._projectors: dict[torch.Tensor, tuple[tuple, Projector | None, str]] = {}
         self._telemetry: dict[torch.Tensor, dict[str, Any]] = {}
         self.last_refresh_seconds = 0.0
@@ -94,34 +114,20 @@ class CoapOptimizer(Optimizer):
         check_positive_int("update_interval", group["update_interval"])
         check_positive_int("reproject_factor", group["reproject_factor"])
         check_min_numel("min_conv_numel", group["min_conv_numel"])
-        if not isinstance(group["restore_state"], bool):
-            raise ValueError(f"Invalid restore_state: {group['restore_state']!r} (must be True or False)")
-        seed = group["seed"]
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"Invalid seed: {seed!r} (must be an integer)")
-        kinds = group["projection"]
-        if isinstance(kinds, str):
-            kinds = [kinds]
-        elif isinstance(kinds, (list, tuple)):
-            if len(kinds) != len(group["params"]):
-                raise ValueError(
-                    f"Invalid projection: a list of {len(kinds)} kinds for a group of {len(group['params'])} parameters "
-                    "(give one kind per parameter, or one string for the whole group)"
-                )
-        else:
-            raise ValueError(f"Invalid projection: {kinds!r} (expected a kind or a list of kinds)")
-        for kind in kinds:
-            if kind not in PROJECTION_KINDS:
-                raise ValueError(f"Invalid projection kind: {kind!r} (expected one of {', '.join(PROJECTION_KINDS)})")
-        if group["schedule"] not in ("optimizer", "external"):
-            raise ValueError(f"Invalid schedule: {group['schedule']!r} (expected 'optimizer' or 'external')")
+        check_bool("restore_state", group["restore_state"])
+        check_int("seed", group["seed"])
+        check_projection(group["projection"], len(group["params"]), PROJECTION_KINDS)
+        if PROJECTION_REASONS in group:
+            check_projection_reasons(group[PROJECTION_REASONS], len(group["params"]))
+        check_choice("schedule", group["schedule"], ("optimizer", "external"))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         group.setdefault("pending_refresh", "none")
-        if isinstance(group["projection"], tuple):
-            group["projection"] = list(group["projection"])
+        for key in ("projection", PROJECTION_REASONS):
+            if isinstance(group.get(key), tuple):
+                group[key] = list(group[key])
         try:
             self._validate_group(group)
         except ValueError:
@@ -146,47 +152,45 @@ class CoapOptimizer(Optimizer):
 
     # -- routing -----------------------------------------------------------------------------
     def _route(self, p: torch.Tensor, group: dict[str, Any], index: int) -> tuple[Projector | None, str]:
+        # rebuilt only when something that decides it changed (projectors are small, stateless
+        # objects: their tensors live in ``self.state``)
         kinds = group["projection"]
-        kind = kinds if isinstance(kinds, str) else kinds[index]
         key = (
-            kind,
+            kinds if isinstance(kinds, str) else kinds[index],
             tuple(p.shape),
             group["rank"],
             group["rank_ratio_matrix"],
             group["rank_ratio_conv"],
             group["min_conv_numel"],
+            policy_reason(group, index),
         )
         cached = self._projectors.get(p)
         if cached is None or cached[0] != key:
-            proj, reason = build_projector(
-                p.shape,
-                kind,
-                rank=group["rank"],
-                rank_ratio_matrix=group["rank_ratio_matrix"],
-                rank_ratio_conv=group["rank_ratio_conv"],
-                min_conv_numel=group["min_conv_numel"],
-            )
-            if kind == "none":
-                reason = "full rank: the param group's projection says 'none' (a CoapPolicy explains why)"
+            _, proj, reason = route_in_group(p.shape, group, index)
             cached = (key, proj, reason)
             self._projectors[p] = cached
         return cached[1], cached[2]
 
     def routing(self) -> list[dict[str, Any]]:
-        """One row per parameter: group, index, name (when known), shape, projector and reason."""
+        """One row per parameter: group, index, name (when known), shape, projector and reason.
+
+        The reason of a parameter its group routes ``'none'`` is the one the group's
+        :class:`~coap_plugins.CoapPolicy` gave (``projection_reasons``), when there is one."""
         rows = []
         for gi, group in enumerate(self.param_groups):
             names = group.get("param_names")
             for i, p in enumerate(group["params"]):
                 proj, reason = self._route(p, group, i)
-                rows.append({
-                    "group": gi,
-                    "index": i,
-                    "name": names[i] if names else None,
-                    "shape": tuple(p.shape),
-                    "projector": proj,
-                    "reason": reason,
-                })
+                rows.append(
+                    {
+                        "group": gi,
+                        "index": i,
+                        "name": names[i] if names else None,
+                        "shape": tuple(p.shape),
+                        "projector": proj,
+                        "reason": reason,
+                    }
+                )
         return rows
 
     # -- external refresh driver -------------------------------------------------------------
@@ -341,7 +345,8 @@ class CoapOptimizer(Optimizer):
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
-                f"loaded state dict has {len(saved_groups)} parameter groups, this optimizer has {len(self.param_groups)}"
+                f"loaded state dict has {len(saved_groups)} parameter groups, this optimizer has "
+                f"{len(self.param_groups)}"
             )
         for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             for key in COAP_GROUP_KEYS:
@@ -369,10 +374,21 @@ class CoapOptimizer(Optimizer):
                     where = f"param group {gi}, parameter {i} (shape {tuple(p.shape)})"
                     missing = sorted(set(expected) - set(got))
                     extra = sorted(set(got) - set(expected))
-                    diffs = [f"{k}: saved {got[k]}, expected {expected[k]}" for k in expected if k in got and got[k] != expected[k]]
-                    parts = diffs + ([f"missing {missing}"] if missing else []) + ([f"unexpected {extra}"] if extra else [])
+                    diffs = [
+                        f"{k}: saved {got[k]}, expected {expected[k]}"
+                        for k in expected
+                        if k in got and got[k] != expected[k]
+                    ]
+                    parts = (
+                        diffs + ([f"missing {missing}"] if missing else []) + ([f"unexpected {extra}"] if extra else [])
+                    )
                     raise ValueError(f"Cannot load optimizer state for {where}: " + "; ".join(parts))
+        live_reasons = [g.get(PROJECTION_REASONS) for g in self.param_groups]
         super().load_state_dict(state_dict)  # its __setstate__ fills in keys an older state lacks
+        for group, reasons in zip(self.param_groups, live_reasons):
+            # a state saved without the policy's reasons (older versions) keeps this optimizer's
+            if reasons is not None and PROJECTION_REASONS not in group:
+                group[PROJECTION_REASONS] = reasons
         for pid, st in saved_state.items():
             p = id_map.get(pid)
             if p is None:
@@ -454,4 +470,3 @@ class CoapOptimizer(Optimizer):
             "last_refresh_seconds": self.last_refresh_seconds,
             "layers": layers,
         }
-

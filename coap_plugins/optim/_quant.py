@@ -35,9 +35,7 @@ def require_bitsandbytes():
     try:
         import bitsandbytes.functional as bnbf
     except ImportError as err:  # pragma: no cover - exercised with the module hidden
-        raise ImportError(
-            "The 8-bit COAP optimizers need bitsandbytes: pip install 'coap-plugins[8bit]'"
-        ) from err
+        raise ImportError("The 8-bit COAP optimizers need bitsandbytes: pip install 'coap-plugins[8bit]'") from err
     return bnbf
 
 
@@ -80,7 +78,9 @@ class QuantCodec:
         inv = absmax.clamp_min(1e-30).reciprocal()
         normed = torch.empty_like(flat)
         if full:
-            torch.mul(flat[:full].view(-1, BLOCKSIZE), inv[: full // BLOCKSIZE, None], out=normed[:full].view(-1, BLOCKSIZE))
+            torch.mul(
+                flat[:full].view(-1, BLOCKSIZE), inv[: full // BLOCKSIZE, None], out=normed[:full].view(-1, BLOCKSIZE)
+            )
         if full < n:
             torch.mul(flat[full:], inv[-1], out=normed[full:])
         # scaled values lie in [-1, 1] (the table clamps rounding overshoot)

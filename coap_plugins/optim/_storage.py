@@ -9,6 +9,7 @@ load and encodes on store.  Either way the state holds tensors only.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 import torch
 
@@ -18,7 +19,16 @@ __all__ = ["Blockwise8bitStorage", "MomentStorage"]
 
 
 class MomentStorage:
-    """fp32 moments, one tensor per key."""
+    """fp32 moments, one tensor per key.
+
+    Args:
+        nonnegative: the moment keys whose values are never negative (second moments); the
+            optimizer class says which (:attr:`CoapOptimizer.nonnegative_moments`).  A storage
+            that encodes values may use it to pick its code map; fp32 storage ignores it.
+    """
+
+    def __init__(self, nonnegative: Collection[str] = ()) -> None:
+        self.nonnegative = frozenset(nonnegative)
 
     def allocate(self, state: dict, key: str, shape: tuple[int, ...], device: torch.device) -> None:
         state[key] = torch.zeros(shape, dtype=torch.float32, device=device)
@@ -38,16 +48,17 @@ class Blockwise8bitStorage(MomentStorage):
     """Moments of at least 4096 elements as uint8 codes (``state[key]``, the moment's shape) plus
     one fp32 absmax per 256-element block (``state[key + "_absmax"]``); smaller ones stay fp32.
 
-    First moments use bitsandbytes' signed dynamic code map, second moments (keys starting with
-    ``exp_avg_sq``) the unsigned one.  The code maps are shared constants, not state.
+    Moments the optimizer declares non-negative (its second moments) use bitsandbytes' unsigned
+    dynamic code map, every other moment the signed one.  The code maps are shared constants,
+    not state.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, nonnegative: Collection[str] = ()) -> None:
+        super().__init__(nonnegative)
         self._codecs = {True: codec(True), False: codec(False)}
 
-    @staticmethod
-    def _signed(key: str) -> bool:
-        return not key.startswith("exp_avg_sq")
+    def _signed(self, key: str) -> bool:
+        return key not in self.nonnegative
 
     def allocate(self, state: dict, key: str, shape: tuple[int, ...], device: torch.device) -> None:
         numel = math.prod(shape)

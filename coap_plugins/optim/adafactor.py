@@ -9,7 +9,7 @@ import torch
 
 from .._checks import check_lr, check_nonnegative, conv_ratio_alias
 from ..projection import DEFAULT_MIN_CONV_NUMEL, Projector
-from ._base import CoapOptimizer
+from ._base import CoapOptimizer, coap_defaults
 from .adamw import ParamsT
 
 __all__ = ["CoapAdafactor", "adafactor_direction"]
@@ -92,6 +92,8 @@ class CoapAdafactor(CoapOptimizer):
         >>> opt = CoapAdafactor(model.parameters(), rank_ratio_conv=4)
     """
 
+    nonnegative_moments = frozenset({"exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col"})
+
     def __init__(
         self,
         params: ParamsT,
@@ -115,7 +117,6 @@ class CoapAdafactor(CoapOptimizer):
         seed: int = 0,
         rank_ratio_cnn: float | None = None,
     ) -> None:
-        rank_ratio_conv = conv_ratio_alias(rank_ratio_conv, rank_ratio_cnn)
         if relative_step is None:
             relative_step = lr is None
         defaults = dict(
@@ -128,16 +129,16 @@ class CoapAdafactor(CoapOptimizer):
             scale_parameter=scale_parameter,
             relative_step=relative_step,
             warmup_init=warmup_init,
-            projection="auto",
-            rank=rank,
-            rank_ratio_matrix=rank_ratio_matrix,
-            rank_ratio_conv=rank_ratio_conv,
-            update_interval=update_interval,
-            reproject_factor=reproject_factor,
-            restore_state=restore_state,
-            min_conv_numel=min_conv_numel,
-            seed=seed,
-            schedule="optimizer",
+            **coap_defaults(
+                rank=rank,
+                rank_ratio_matrix=rank_ratio_matrix,
+                rank_ratio_conv=conv_ratio_alias(rank_ratio_conv, rank_ratio_cnn),
+                update_interval=update_interval,
+                reproject_factor=reproject_factor,
+                restore_state=restore_state,
+                min_conv_numel=min_conv_numel,
+                seed=seed,
+            ),
         )
         super().__init__(params, defaults)
 

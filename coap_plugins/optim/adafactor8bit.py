@@ -17,4 +17,3 @@ class CoapAdafactor8bit(CoapAdafactor):
     """
 
     storage_class = Blockwise8bitStorage
-

@@ -8,20 +8,24 @@ import torch
 
 from .._checks import check_lr, check_nonnegative, conv_ratio_alias
 from ..projection import DEFAULT_MIN_CONV_NUMEL, Projector
-from ._base import CoapOptimizer
+from ._base import CoapOptimizer, coap_defaults
 
 __all__ = ["CoapAdamW", "adam_moments", "adam_update_scale"]
 
 ParamsT = Any  # an iterable of tensors, of (name, tensor) pairs, or of param-group dicts
 
 
-def adam_moments(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor, beta1: float, beta2: float) -> None:
+def adam_moments(
+    exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor, beta1: float, beta2: float
+) -> None:
     """Adam's moment updates, in place, in the order torch.optim.AdamW applies them."""
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
 
 
-def adam_update_scale(lr: float | torch.Tensor, beta1: float, beta2: float, step: int) -> tuple[float | torch.Tensor, float]:
+def adam_update_scale(
+    lr: float | torch.Tensor, beta1: float, beta2: float, step: int
+) -> tuple[float | torch.Tensor, float]:
     """``(step_size, sqrt(bias_correction2))`` as torch.optim.AdamW computes them (``step_size``
     is a 0-d tensor when ``lr`` is one)."""
     bias_correction1 = 1 - beta1**step
@@ -64,6 +68,8 @@ class CoapAdamW(CoapOptimizer):
         >>> opt = CoapAdamW(model.parameters(), lr=1e-3, rank_ratio_matrix=4, update_interval=32)
     """
 
+    nonnegative_moments = frozenset({"exp_avg_sq"})
+
     def __init__(
         self,
         params: ParamsT,
@@ -82,22 +88,21 @@ class CoapAdamW(CoapOptimizer):
         seed: int = 0,
         rank_ratio_cnn: float | None = None,
     ) -> None:
-        rank_ratio_conv = conv_ratio_alias(rank_ratio_conv, rank_ratio_cnn)
         defaults = dict(
             lr=lr,
             betas=betas,
             eps=eps,
             weight_decay=weight_decay,
-            projection="auto",
-            rank=rank,
-            rank_ratio_matrix=rank_ratio_matrix,
-            rank_ratio_conv=rank_ratio_conv,
-            update_interval=update_interval,
-            reproject_factor=reproject_factor,
-            restore_state=restore_state,
-            min_conv_numel=min_conv_numel,
-            seed=seed,
-            schedule="optimizer",
+            **coap_defaults(
+                rank=rank,
+                rank_ratio_matrix=rank_ratio_matrix,
+                rank_ratio_conv=conv_ratio_alias(rank_ratio_conv, rank_ratio_cnn),
+                update_interval=update_interval,
+                reproject_factor=reproject_factor,
+                restore_state=restore_state,
+                min_conv_numel=min_conv_numel,
+                seed=seed,
+            ),
         )
         super().__init__(params, defaults)
 
@@ -109,7 +114,10 @@ class CoapAdamW(CoapOptimizer):
             raise ValueError(f"Invalid betas: {betas!r} (expected a pair of floats in [0, 1))")
         for i, b in enumerate(betas):
             if isinstance(b, torch.Tensor):
-                raise ValueError(f"Invalid beta parameter at index {i}: a Tensor beta is not supported by {type(self).__name__}, pass a float")
+                raise ValueError(
+                    f"Invalid beta parameter at index {i}: a Tensor beta is not supported by "
+                    f"{type(self).__name__}, pass a float"
+                )
             if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
                 raise ValueError(f"Invalid beta parameter at index {i}: {b!r} (must be in [0, 1))")
         check_nonnegative("weight_decay value", group["weight_decay"])

@@ -22,4 +22,3 @@ class CoapAdamW8bit(CoapAdamW):
     """
 
     storage_class = Blockwise8bitStorage
-

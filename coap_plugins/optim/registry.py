@@ -1,7 +1,9 @@
 """Optimizers by name: ``coap_adamw``, ``coap_adamw8bit``, ``coap_adafactor``, ``coap_adafactor8bit``.
 
 Used by the YAML runner, and registered with timm's optimizer factory by :func:`register_timm`
-(which ``import coap_plugins`` runs, at once or when ``timm.optim`` is imported later).
+(which ``import coap_plugins`` runs, at once or when ``timm.optim`` is imported later: Python has
+no post-import callback, so :class:`_RegisterWhenImported` is the one import hook, removed once it
+has run).
 """
 
 from __future__ import annotations
@@ -53,16 +55,27 @@ def register_timm() -> None:
 
     After it, ``timm.optim.create_optimizer_v2(model, "coap_adamw8bit", ...)`` (with timm's
     ``lookahead_`` prefix too), ``timm.optim.get_optimizer_class("coap_adamw")``,
-    ``get_optimizer_info(...)`` and ``list_optimizers()`` know the four names.  timm looks
-    optimizers up by the text after the last underscore (``"coap_adamw8bit"`` would silently
-    become bitsandbytes' ``"adamw8bit"``), so each is also registered as ``coapadamw``, ...,
-    and timm's registry is given a thin front that maps a ``coap_`` name to that spelling; every
-    other name goes to timm unchanged.  ``betas`` given for an optimizer without them
-    (``coap_adafactor`` has ``beta1``) is refused rather than dropped.
+    ``get_optimizer_info(...)`` and ``list_optimizers()`` know the four names.  ``betas`` given
+    for an optimizer without them (``coap_adafactor`` has ``beta1``) is refused rather than
+    dropped.  Calling it twice is harmless.
+
+    It does two things, and only these:
+
+    1. registers each optimizer with timm's public ``register`` call, under its name
+       (``coap_adamw``, which ``get_optimizer_class``/``get_optimizer_info`` look up as given)
+       and under ``coapadamw``, ...;
+    2. puts a front on ``default_registry.create_optimizer`` (an attribute of that one registry
+       object; timm's classes and module functions are left as they are).  A front is needed
+       because timm's ``create_optimizer`` parses ``opt`` by its last underscore-separated word
+       (``"lookahead_adamw"`` -> ``"adamw"``), so ``"coap_adamw8bit"`` would silently build
+       bitsandbytes' ``"adamw8bit"`` and ``"coap_adafactor"`` timm's own Adafactor; no
+       registration can prevent that.  The front rewrites a ``coap_`` name to its one-word
+       spelling (``lookahead_coap_adamw`` -> ``lookahead_coapadamw``), refuses an unknown
+       ``coap_`` name, and passes every other name to timm unchanged.
 
     ``import coap_plugins`` calls this when ``timm.optim`` is already imported, and otherwise
-    arranges for it to run as soon as ``timm.optim`` is imported, so the import order does not
-    matter.  Calling it twice is harmless.
+    arranges for it to run as soon as ``timm.optim`` is imported (:func:`install_timm_hook`), so
+    the ``coap_`` names resolve whatever the import order.
     """
     from timm.optim import _optim_factory as factory
 
@@ -80,27 +93,38 @@ def register_timm() -> None:
                     has_betas=cls not in _NO_BETAS,
                 )
             )
-    if getattr(registry.create_optimizer, "_coap_front", False):
-        return
-    create = registry.create_optimizer
+    if not getattr(registry.create_optimizer, "_coap_front", False):
+        registry.create_optimizer = _front_with_coap_names(registry.create_optimizer)
+
+
+def _timm_spelling(opt: str, kwargs: dict[str, Any]) -> str:
+    """``opt`` as timm's parser needs it: a ``coap_`` name in one word, anything else as given."""
+    parts = opt.lower().split("_")
+    if "coap" not in parts[:-1]:
+        return opt
+    i = parts.index("coap")
+    name = "_".join(parts[i : i + 2])
+    if name not in OPTIMIZERS or i + 2 != len(parts):
+        raise ValueError(
+            f"Unknown COAP optimizer in {opt!r} (expected one of {', '.join(OPTIMIZERS)}, optionally after "
+            "'lookahead_')"
+        )
+    if OPTIMIZERS[name] in _NO_BETAS and kwargs.get("betas") is not None:
+        raise ValueError(
+            f"{name} has no betas (got betas={kwargs['betas']!r}): pass beta1=... for its first moment "
+            "(None for none); its second moment follows decay_rate"
+        )
+    return "_".join(parts[:i] + [_TIMM_PARSE_NAMES[name]])
+
+
+def _front_with_coap_names(create: Any) -> Any:
+    """``create`` (a registry's bound ``create_optimizer``) behind :func:`_timm_spelling`."""
 
     def create_optimizer_with_coap_names(model_or_params: Any, opt: str = "sgd", *args: Any, **kwargs: Any):
-        parts = opt.lower().split("_")
-        if "coap" in parts[:-1]:
-            i = parts.index("coap")
-            name = "_".join(parts[i : i + 2])
-            if name not in OPTIMIZERS or i + 2 != len(parts):
-                raise ValueError(f"Unknown COAP optimizer in {opt!r} (expected one of {', '.join(OPTIMIZERS)}, optionally after 'lookahead_')")
-            if OPTIMIZERS[name] in _NO_BETAS and kwargs.get("betas") is not None:
-                raise ValueError(
-                    f"{name} has no betas (got betas={kwargs['betas']!r}): pass beta1=... for its first moment "
-                    "(None for none); its second moment follows decay_rate"
-                )
-            opt = "_".join(parts[:i] + [_TIMM_PARSE_NAMES[name]])
-        return create(model_or_params, opt, *args, **kwargs)
+        return create(model_or_params, _timm_spelling(opt, kwargs), *args, **kwargs)
 
     create_optimizer_with_coap_names._coap_front = True  # type: ignore[attr-defined]
-    registry.create_optimizer = create_optimizer_with_coap_names
+    return create_optimizer_with_coap_names
 
 
 class _RegisterWhenImported(importlib.abc.MetaPathFinder):

@@ -68,9 +68,7 @@ def correlation_loss(h: torch.Tensor, p: torch.Tensor, m: torch.Tensor) -> torch
     return mse * (1 - cos)
 
 
-def correlation_grad(
-    h: torch.Tensor, p: torch.Tensor, a: torch.Tensor, m: torch.Tensor
-) -> CorrelationResult:
+def correlation_grad(h: torch.Tensor, p: torch.Tensor, a: torch.Tensor, m: torch.Tensor) -> CorrelationResult:
     """Closed form of dL/dP for ``L = MSE(H P P^T, H) * (1 - CosSim_rows(M P^T, H))``.
 
     With ``A = H P``, ``S = P^T P`` and ``K = H^T H``:
@@ -183,9 +181,7 @@ def _low_cost_svd_householder(h: torch.Tensor, a: torch.Tensor, rank: int) -> tu
     return zh[:rank].T.contiguous(), sv[:rank]
 
 
-def random_orthonormal(
-    n: int, r: int, seed: int, *, device: torch.device | None = None
-) -> torch.Tensor:
+def random_orthonormal(n: int, r: int, seed: int, *, device: torch.device | None = None) -> torch.Tensor:
     """A seeded random n x r start with orthonormal columns, identical on every device and rank.
 
     Drawn on the CPU from a private generator (so it neither reads nor advances the global RNG)

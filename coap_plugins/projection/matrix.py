@@ -55,6 +55,11 @@ class MatrixProjector:
 
     # -- sizes -------------------------------------------------------------------------------
     @property
+    def ranks(self) -> dict[str, int]:
+        """The ranks this projector reduces to, by argument name: ``{"rank": r}``."""
+        return {"rank": self.rank}
+
+    @property
     def moment_shape(self) -> tuple[int, int]:
         return (self.long, self.rank)
 
@@ -117,4 +122,3 @@ class MatrixProjector:
         """Carry a projected moment from the old basis into the new one (``restore_state``)."""
         t = state["proj"].T @ new["proj"]
         return core @ (t * t) if squared else core @ t
-

@@ -47,14 +47,18 @@ class Tucker2Projector:
         k = k1 * k2
         if not (1 <= rank_out < out_ch and rank_out <= in_ch * k):
             raise ValueError(
-                f"Invalid rank_out: {rank_out} (must be in [1, {out_ch}) and at most I*k={in_ch * k} for shape {tuple(shape)})"
+                f"Invalid rank_out: {rank_out} (must be in [1, {out_ch}) and at most I*k={in_ch * k} for shape "
+                f"{tuple(shape)})"
             )
         if rank_in is not None:
             if k == 1:
-                raise ValueError(f"1x1 convs project the output mode only; got rank_in={rank_in} for shape {tuple(shape)}")
+                raise ValueError(
+                    f"1x1 convs project the output mode only; got rank_in={rank_in} for shape {tuple(shape)}"
+                )
             if not (1 <= rank_in < in_ch and rank_in <= out_ch * k):
                 raise ValueError(
-                    f"Invalid rank_in: {rank_in} (must be in [1, {in_ch}) and at most O*k={out_ch * k} for shape {tuple(shape)})"
+                    f"Invalid rank_in: {rank_in} (must be in [1, {in_ch}) and at most O*k={out_ch * k} for shape "
+                    f"{tuple(shape)})"
                 )
         self.shape = (out_ch, in_ch, k1, k2)
         self.out_ch, self.in_ch, self.k = out_ch, in_ch, k
@@ -65,6 +69,12 @@ class Tucker2Projector:
         return f"Tucker2Projector(shape={self.shape}, rank_out={self.rank_out}, rank_in={self.rank_in})"
 
     # -- sizes -------------------------------------------------------------------------------
+    @property
+    def ranks(self) -> dict[str, int | None]:
+        """The ranks this projector reduces to, by argument name: ``{"rank_out": r_O,
+        "rank_in": r_I}`` (``rank_in`` is ``None`` when only the output mode is projected)."""
+        return {"rank_out": self.rank_out, "rank_in": self.rank_in}
+
     @property
     def moment_shape(self) -> tuple[int, int, int]:
         return (self.rank_out, self.k, self.core_in)

@@ -50,8 +50,11 @@ def resume_checkpoint(
         reason = unreadable_reason(path)
         if reason is None:
             if bad and announce:
-                print(f"coap-train: warning: {_names(bad)} cannot be read ({bad[0][1]}); resuming from {path}, "
-                      "the newest checkpoint that loads", file=sys.stderr)
+                print(
+                    f"coap-train: warning: {_names(bad)} cannot be read ({bad[0][1]}); resuming from {path}, "
+                    "the newest checkpoint that loads",
+                    file=sys.stderr,
+                )
             return path
         bad.append((path, reason))
     if not bad:

@@ -1,9 +1,11 @@
 """``coap-train CONFIG.yaml [dotted.key=value ...]``: train a recipe with Composer or Lightning.
 
-The recipe is validated (:func:`~coap_plugins.train.config.load_config`) before anything heavy is
-imported.  ``devices: N`` (N > 1) runs DDP through each framework's own launcher: Composer's
-``composer -n N`` (this command re-launches itself under it) or Lightning's DDP strategy
-(which starts the other processes itself); gloo on CPU, NCCL on GPUs.
+``CONFIG`` is a recipe file or the name of a packaged recipe (``composer/resnet18_digits``; see
+:mod:`coap_plugins.recipes`), looked up when no such file exists.  The recipe is validated
+(:func:`~coap_plugins.train.config.load_config`) before anything heavy is imported.
+``devices: N`` (N > 1) runs DDP through each framework's own launcher: Composer's ``composer -n N``
+(this command re-launches itself under it) or Lightning's DDP strategy (which starts the other
+processes itself); gloo on CPU, NCCL on GPUs.
 
 Exit status: 0 trained; 2 the recipe is invalid; 1 the run failed: unreadable shards (checked
 before a model is built), no readable checkpoint to resume from, or a training loss that is not
@@ -20,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..recipes import resolve_recipe
 from .common import TrainingDiverged
 from .config import ConfigError, TrainConfig, load_config
 
@@ -65,8 +68,16 @@ def run(cfg: TrainConfig, *, stop_after_batches: int | None = None) -> dict[str,
 
 def _relaunch_under_composer(cfg: TrainConfig, argv: Sequence[str]) -> int:
     """Run this command again under ``composer -n devices`` (Composer's DDP launcher)."""
-    launcher = [sys.executable, "-m", "composer.cli.launcher", "-n", str(cfg.devices),
-                "-m", "coap_plugins.train.cli", *argv]
+    launcher = [
+        sys.executable,
+        "-m",
+        "composer.cli.launcher",
+        "-n",
+        str(cfg.devices),
+        "-m",
+        "coap_plugins.train.cli",
+        *argv,
+    ]
     env = dict(os.environ)
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     return subprocess.call(launcher, env=env)
@@ -92,10 +103,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         print(__doc__.strip().split("\n\n")[0])
-        print("\nusage: coap-train CONFIG.yaml [dotted.key=value ...]\n\nExample: coap-train yamls/composer/resnet18_digits.yaml max_duration=50ba")
+        print(
+            "\nusage: coap-train CONFIG.yaml [dotted.key=value ...]\n\n"
+            "Example: coap-train composer/resnet18_digits max_duration=50ba"
+        )
         return 0 if args else 2
     try:
-        cfg = load_config(args[0], args[1:])
+        cfg = load_config(resolve_recipe(args[0]), args[1:])
     except (ConfigError, FileNotFoundError) as exc:
         print(f"coap-train: error: {exc}", file=sys.stderr)
         return 2

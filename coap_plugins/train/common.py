@@ -3,26 +3,29 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .._extras import require
 from .config import CoapConfig, TrainConfig, duration_parts
-from .tasks import build_param_groups
+from .outputs import RunLog
+from .tasks import TaskModule, build_param_groups
 
-__all__ = ["LrShape", "RunInterrupted", "TrainingDiverged", "build_optimizer", "coap_kwargs", "require", "total_steps"]
-
-
-def require(module: str, extra: str) -> Any:
-    """Import ``module`` or raise an ImportError that names the extra to install."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(f"{module} is needed here; install it with `pip install coap-plugins[{extra}]`") from exc
+__all__ = [
+    "LrShape",
+    "RunInterrupted",
+    "TrainingDiverged",
+    "build_optimizer",
+    "coap_kwargs",
+    "finish_run",
+    "require",
+    "total_steps",
+]
 
 
 class RunInterrupted(RuntimeError):
@@ -38,8 +41,11 @@ class TrainingDiverged(RuntimeError):
 
     def __init__(self, step: int, loss: float) -> None:
         self.step, self.loss = step, loss
-        where = (f"the training loss is {loss}" if not math.isfinite(loss)
-                 else "the training loss of another rank is not finite")
+        where = (
+            f"the training loss is {loss}"
+            if not math.isfinite(loss)
+            else "the training loss of another rank is not finite"
+        )
         super().__init__(
             f"Training diverged at step {step}: {where} (stopped by stop_on_nonfinite=true; lower optimizer.lr, "
             "check the data for NaN or infinite values, or set stop_on_nonfinite=false to train on)"
@@ -104,3 +110,50 @@ def coap_kwargs(coap: CoapConfig) -> dict[str, Any]:
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def finish_run(
+    cfg: TrainConfig,
+    task: TaskModule,
+    log: RunLog,
+    *,
+    evaluate: Callable[[], Any],
+    optimizer: torch.optim.Optimizer,
+    steps: int,
+    first_step: int | None,
+    rank: int,
+    world_size: int,
+    device: torch.device | None,
+    diverged: TrainingDiverged | None,
+) -> dict[str, Any] | None:
+    """What both runners do once ``fit`` returns: a last evaluation (unless the run just had one
+    or diverged), the DDPM sample grid (rank 0), the run folder's summary and report; then the
+    divergence, if any, is raised again.  Returns the summary (None off rank 0).
+
+    Args:
+        evaluate: runs one evaluation with the framework (it feeds ``log``).
+        steps: optimizer steps taken in all (the final step).
+        first_step: the step this process started from (None: 0).
+        rank, world_size: this process's global rank and the number of processes.
+        device: where the model trained (for the peak-memory figure).
+        diverged: the error ``fit`` stopped on (``stop_on_nonfinite``), or None.
+    """
+    if log.last_eval_step != steps and diverged is None:
+        evaluate()
+    grid = None
+    if task.task == "ddpm" and cfg.task.num_samples > 0 and rank == 0 and diverged is None:
+        grid = "samples.png"
+        task.sample_grid(str(Path(cfg.output_dir or ".") / grid), cfg.task.num_samples, cfg.seed)
+    summary = log.finish(
+        optimizer=optimizer,
+        params=count_params(task.net),
+        steps=steps,
+        steps_this_run=steps - (first_step or 0),
+        samples_per_step=cfg.data.batch_size * world_size,
+        world_size=world_size,
+        device=device,
+        sample_grid=grid,
+    )
+    if diverged is not None:
+        raise diverged
+    return summary

@@ -1,4 +1,7 @@
-"""``trainer: composer``: the recipe as a Composer ``Trainer`` with :class:`CoapAlgorithm`."""
+"""``trainer: composer``: the recipe as a Composer ``Trainer`` with :class:`CoapAlgorithm`.
+
+Imported by :func:`coap_plugins.train.cli.run` only once a recipe chose Composer.
+"""
 
 from __future__ import annotations
 
@@ -10,46 +13,60 @@ from typing import Any
 
 import torch
 
+from .._extras import missing_extra
 from .checkpoints import resume_checkpoint
-from .common import (RunInterrupted, TrainingDiverged, build_optimizer, coap_kwargs, count_params, lr_scheduler, require,
-                     total_steps)
+from .common import (
+    RunInterrupted,
+    TrainingDiverged,
+    build_optimizer,
+    coap_kwargs,
+    finish_run,
+    lr_scheduler,
+    total_steps,
+)
 from .config import TrainConfig
 from .loader import DataBundle, ShardLoader
 from .outputs import RunLog
 from .tasks import TaskModule, eval_metrics
+
+try:
+    from composer import Evaluator, Trainer
+    from composer.core import Callback, DataSpec, State
+    from composer.loggers import Logger
+    from composer.models import ComposerModel
+    from composer.utils import dist
+
+    from ..algorithms.composer import CoapAlgorithm
+except ImportError as e:  # pragma: no cover - exercised only without composer
+    raise missing_extra("coap-train's trainer: composer", "MosaicML Composer", "composer") from e
 
 __all__ = ["run_composer"]
 
 _PRECISION = {"fp32": "fp32", "bf16": "amp_bf16", "fp16": "amp_fp16"}
 
 
-def _model_class() -> type:
-    from composer.models import ComposerModel
+class CoapTaskModel(ComposerModel):
+    """A :class:`TaskModule` as a ``ComposerModel`` (forward, loss, eval metrics)."""
 
-    class CoapTaskModel(ComposerModel):
-        """A :class:`TaskModule` as a ``ComposerModel`` (forward, loss, eval metrics)."""
+    def __init__(self, task: TaskModule) -> None:
+        super().__init__()
+        self.task = task
+        self.metrics = torch.nn.ModuleDict(eval_metrics(task.task))
 
-        def __init__(self, task: TaskModule) -> None:
-            super().__init__()
-            self.task = task
-            self.metrics = torch.nn.ModuleDict(eval_metrics(task.task))
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.task(batch)
 
-        def forward(self, batch: Any) -> torch.Tensor:
-            return self.task(batch)
+    def loss(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+        return self.task.loss(outputs, batch)
 
-        def loss(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
-            return self.task.loss(outputs, batch)
+    def eval_forward(self, batch: Any, outputs: Any | None = None) -> dict[str, torch.Tensor]:
+        return outputs if outputs is not None else self.task.eval_values(batch)
 
-        def eval_forward(self, batch: Any, outputs: Any | None = None) -> dict[str, torch.Tensor]:
-            return outputs if outputs is not None else self.task.eval_values(batch)
+    def get_metrics(self, is_train: bool = False) -> dict[str, Any]:
+        return {} if is_train else dict(self.metrics.items())
 
-        def get_metrics(self, is_train: bool = False) -> dict[str, Any]:
-            return {} if is_train else dict(self.metrics.items())
-
-        def update_metric(self, batch: Any, outputs: Any, metric: Any) -> None:
-            metric.update(outputs[metric.key])
-
-    return CoapTaskModel
+    def update_metric(self, batch: Any, outputs: Any, metric: Any) -> None:
+        metric.update(outputs[metric.key])
 
 
 def _no_split(batch: Any, microbatch_size: int) -> list[Any]:
@@ -60,74 +77,60 @@ def _no_split(batch: Any, microbatch_size: int) -> list[Any]:
     return [tuple(t[i : i + microbatch_size] for t in batch) for i in range(0, n, microbatch_size)]
 
 
-def _callback_class() -> type:
-    from composer.core import Callback, State
-    from composer.loggers import Logger
+class RunRecorder(Callback):
+    """Feeds :class:`RunLog`, keeps the loader's epoch in step, stops on ``stop_after_batches``
+    and (``stop_on_nonfinite``) on a non-finite training loss."""
 
-    class RunRecorder(Callback):
-        """Feeds :class:`RunLog`, keeps the loader's epoch in step, stops on ``stop_after_batches``
-        and (``stop_on_nonfinite``) on a non-finite training loss."""
+    def __init__(self, log: RunLog, loader: ShardLoader, stop_after: int | None, stop_on_nonfinite: bool) -> None:
+        self.log, self.loader, self.stop_after = log, loader, stop_after
+        self.stop_on_nonfinite = stop_on_nonfinite
+        self._eval_start = 0.0
+        self.first_step: int | None = None
 
-        def __init__(self, log: RunLog, loader: ShardLoader, stop_after: int | None, stop_on_nonfinite: bool) -> None:
-            self.log, self.loader, self.stop_after = log, loader, stop_after
-            self.stop_on_nonfinite = stop_on_nonfinite
-            self._eval_start = 0.0
-            self.first_step: int | None = None
+    def fit_start(self, state: State, logger: Logger) -> None:
+        self.loader.set_epoch(int(state.timestamp.epoch))
+        self.first_step = int(state.timestamp.batch)
 
-        def fit_start(self, state: State, logger: Logger) -> None:
-            self.loader.set_epoch(int(state.timestamp.epoch))
-            self.first_step = int(state.timestamp.batch)
+    def epoch_start(self, state: State, logger: Logger) -> None:
+        self.loader.set_epoch(int(state.timestamp.epoch))
 
-        def epoch_start(self, state: State, logger: Logger) -> None:
-            self.loader.set_epoch(int(state.timestamp.epoch))
+    def batch_start(self, state: State, logger: Logger) -> None:
+        if self.stop_after is not None and int(state.timestamp.batch) >= self.stop_after:
+            raise RunInterrupted(f"stopped after {self.stop_after} batches (stop_after_batches)")
 
-        def batch_start(self, state: State, logger: Logger) -> None:
-            if self.stop_after is not None and int(state.timestamp.batch) >= self.stop_after:
-                raise RunInterrupted(f"stopped after {self.stop_after} batches (stop_after_batches)")
+    def batch_end(self, state: State, logger: Logger) -> None:
+        loss = state.loss.detach().float().mean().item() if torch.is_tensor(state.loss) else float("nan")
+        lr = state.optimizers[0].param_groups[0]["lr"]
+        # at BATCH_END the timestamp already counts this batch
+        step = int(state.timestamp.batch)
+        self.log.train_row(step, int(state.timestamp.epoch), loss, lr)
+        # raised before this batch's checkpoint (BATCH_CHECKPOINT comes after BATCH_END)
+        if self.stop_on_nonfinite and self._any_rank(not math.isfinite(loss), state):
+            raise TrainingDiverged(step, loss)
 
-        def batch_end(self, state: State, logger: Logger) -> None:
-            loss = state.loss.detach().float().mean().item() if torch.is_tensor(state.loss) else float("nan")
-            lr = state.optimizers[0].param_groups[0]["lr"]
-            # at BATCH_END the timestamp already counts this batch
-            step = int(state.timestamp.batch)
-            self.log.train_row(step, int(state.timestamp.epoch), loss, lr)
-            # raised before this batch's checkpoint (BATCH_CHECKPOINT comes after BATCH_END)
-            if self.stop_on_nonfinite and self._any_rank(not math.isfinite(loss), state):
-                raise TrainingDiverged(step, loss)
+    @staticmethod
+    def _any_rank(flag: bool, state: State) -> bool:
+        if dist.get_world_size() == 1:
+            return flag
+        # every rank stops together (one rank raising alone would leave the others in all-reduce)
+        t = state.device.tensor_to_device(torch.tensor([int(flag)], dtype=torch.uint8))
+        dist.all_reduce(t, reduce_operation="MAX")
+        return bool(t.item())
 
-        @staticmethod
-        def _any_rank(flag: bool, state: State) -> bool:
-            from composer.utils import dist
+    def eval_start(self, state: State, logger: Logger) -> None:
+        self._eval_start = time.perf_counter()
 
-            if dist.get_world_size() == 1:
-                return flag
-            # every rank stops together (one rank raising alone would leave the others in all-reduce)
-            t = state.device.tensor_to_device(torch.tensor([int(flag)], dtype=torch.uint8))
-            dist.all_reduce(t, reduce_operation="MAX")
-            return bool(t.item())
-
-        def eval_start(self, state: State, logger: Logger) -> None:
-            self._eval_start = time.perf_counter()
-
-        def eval_end(self, state: State, logger: Logger) -> None:
-            metrics = {name: m.compute() for name, m in state.eval_metrics["eval"].items()}
-            step = int(state.timestamp.batch)
-            self.log.eval_row(step, step // len(self.loader), metrics,
-                              time.perf_counter() - self._eval_start)
-
-    return RunRecorder
+    def eval_end(self, state: State, logger: Logger) -> None:
+        metrics = {name: m.compute() for name, m in state.eval_metrics["eval"].items()}
+        step = int(state.timestamp.batch)
+        self.log.eval_row(step, step // len(self.loader), metrics, time.perf_counter() - self._eval_start)
 
 
-def run_composer(cfg: TrainConfig, data: DataBundle, task: TaskModule, *, stop_after_batches: int | None = None) -> dict[str, Any] | None:
+def run_composer(
+    cfg: TrainConfig, data: DataBundle, task: TaskModule, *, stop_after_batches: int | None = None
+) -> dict[str, Any] | None:
     """Train ``task`` on ``data`` with Composer; returns the summary (None off rank 0)."""
-    require("composer", "composer")
-    from composer import Evaluator, Trainer
-    from composer.core import DataSpec
-    from composer.utils import dist
-
-    from ..algorithms import CoapAlgorithm
-
-    model = _model_class()(task)
+    model = CoapTaskModel(task)
     optimizer = build_optimizer(cfg, model.task.net)
     steps = total_steps(cfg, len(data.train))
     scheduler = lr_scheduler(cfg, optimizer, steps)
@@ -136,13 +139,14 @@ def run_composer(cfg: TrainConfig, data: DataBundle, task: TaskModule, *, stop_a
     pointed = folder / os.readlink(latest) if latest.is_symlink() else None
     start = None
     if cfg.checkpoint.resume:
-        start = resume_checkpoint(folder, pointed, folder.glob("ep*-ba*-rank0.pt"),
-                                  announce=dist.get_global_rank() == 0)
+        start = resume_checkpoint(
+            folder, pointed, folder.glob("ep*-ba*-rank0.pt"), announce=dist.get_global_rank() == 0
+        )
     resuming = start is not None
     if not resuming and latest.is_symlink() and dist.get_global_rank() == 0:
         latest.unlink()  # a fresh run: a later `resume` must not pick up an older run's pointer
     log = RunLog(cfg, rank=dist.get_global_rank(), resuming=resuming)
-    recorder = _callback_class()(log, data.train, stop_after_batches, cfg.stop_on_nonfinite)
+    recorder = RunRecorder(log, data.train, stop_after_batches, cfg.stop_on_nonfinite)
     accelerator = cfg.accelerator if cfg.accelerator != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
     trainer = Trainer(
         model=model,
@@ -181,24 +185,19 @@ def run_composer(cfg: TrainConfig, data: DataBundle, task: TaskModule, *, stop_a
         diverged = exc  # the run folder is written below, then the error goes on
         log.stopped_diverged(exc.step, exc.loss)
     state = trainer.state
-    final = int(state.timestamp.batch)
-    if log.last_eval_step != final and diverged is None:
-        trainer.eval()
-    grid = None
-    if task.task == "ddpm" and cfg.task.num_samples > 0 and dist.get_global_rank() == 0 and diverged is None:
-        grid = "samples.png"
-        task.sample_grid(str(Path(cfg.output_dir or ".") / grid), cfg.task.num_samples, cfg.seed)
-    summary = log.finish(
-        optimizer=state.optimizers[0],
-        params=count_params(task.net),
-        steps=final,
-        steps_this_run=final - (recorder.first_step or 0),
-        samples_per_step=cfg.data.batch_size * dist.get_world_size(),
-        world_size=dist.get_world_size(),
-        device=state.device._device if hasattr(state.device, "_device") else None,
-        sample_grid=grid,
-    )
-    trainer.close()
-    if diverged is not None:
-        raise diverged
-    return summary
+    try:
+        return finish_run(
+            cfg,
+            task,
+            log,
+            evaluate=trainer.eval,
+            optimizer=state.optimizers[0],
+            steps=int(state.timestamp.batch),
+            first_step=recorder.first_step,
+            rank=dist.get_global_rank(),
+            world_size=dist.get_world_size(),
+            device=state.device.tensor_to_device(torch.empty(0)).device,
+            diverged=diverged,
+        )
+    finally:
+        trainer.close()

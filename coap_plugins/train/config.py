@@ -23,6 +23,8 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ..projection import DEFAULT_MIN_CONV_NUMEL
+
 __all__ = [
     "CheckpointConfig",
     "CoapConfig",
@@ -118,8 +120,8 @@ class OptimizerConfig:
 
     ``adamw``, ``adam`` (torch), ``adafactor`` (``timm.optim.Adafactor``: a first moment with
     ``betas[0]`` when it is > 0, none with 0; the second moment's decay follows Adafactor's
-    ``-0.8`` rule, ``betas[1]`` is not used) or ``sgd`` (momentum ``betas[0]``).  Biases and normalization weights get no weight decay when
-    ``no_decay_norm_bias`` is true.
+    ``-0.8`` rule, ``betas[1]`` is not used) or ``sgd`` (momentum ``betas[0]``).  Biases and
+    normalization weights get no weight decay when ``no_decay_norm_bias`` is true.
     """
 
     name: str = "adamw"
@@ -145,7 +147,7 @@ class CoapConfig:
     rank_ratio_matrix: Optional[float] = None
     rank_ratio_conv: Optional[float] = None
     rank_ratio_cnn: Optional[float] = None
-    min_conv_numel: int = 9216
+    min_conv_numel: int = DEFAULT_MIN_CONV_NUMEL
     exclude: list[str] = field(default_factory=list)
     update_interval: int = 32
     reproject_factor: int = 5
@@ -260,9 +262,7 @@ def _check_keys(raw: Any, cls: type, prefix: str, origin: str) -> None:
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
             section = f"'{prefix.rstrip('.')}'" if prefix else "the top level"
-            raise ConfigError(
-                f"Unknown key '{full}' in {origin}{hint} Valid keys of {section}: {', '.join(valid)}"
-            )
+            raise ConfigError(f"Unknown key '{full}' in {origin}{hint} Valid keys of {section}: {', '.join(valid)}")
         sub = _section_type(cls, key)
         if sub is not None and value is not None:
             _check_keys(value, sub, f"{full}.", origin)
@@ -310,12 +310,31 @@ def _validate(cfg: TrainConfig) -> None:
             close = difflib.get_close_matches(str(value), allowed, n=1, cutoff=0.5)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"Invalid {key}: {value!r} (expected one of {', '.join(allowed)}){hint}")
-    for key in ("data.batch_size", "data.eval_batch_size", "data.size", "data.shard_size", "devices",
-                "log_interval", "task.timesteps", "model.blocks_per_level", "model.num_heads", "data.train_samples",
-                "threads"):
+    for key in (
+        "data.batch_size",
+        "data.eval_batch_size",
+        "data.size",
+        "data.shard_size",
+        "devices",
+        "log_interval",
+        "task.timesteps",
+        "model.blocks_per_level",
+        "model.num_heads",
+        "data.train_samples",
+        "threads",
+    ):
         _positive(cfg, key)
-    for key in ("data.num_workers", "data.shuffle_buffer", "data.crop_padding", "task.num_samples",
-                "optimizer.lr", "optimizer.weight_decay", "optimizer.eps", "task.label_smoothing", "schedule.min_lr_ratio"):
+    for key in (
+        "data.num_workers",
+        "data.shuffle_buffer",
+        "data.crop_padding",
+        "task.num_samples",
+        "optimizer.lr",
+        "optimizer.weight_decay",
+        "optimizer.eps",
+        "task.label_smoothing",
+        "schedule.min_lr_ratio",
+    ):
         _positive(cfg, key, 0)
     if cfg.data.size < 8:
         raise ConfigError(f"Invalid data.size: {cfg.data.size!r} (must be >= 8: the digits are 8x8)")
@@ -359,7 +378,9 @@ def _validate(cfg: TrainConfig) -> None:
     duration_parts("eval_interval", cfg.eval_interval)
     if cfg.checkpoint.interval is not None:
         duration_parts("checkpoint.interval", cfg.checkpoint.interval)
-    warmup, unit = duration_parts("schedule.warmup", cfg.schedule.warmup) if cfg.schedule.warmup not in ("0", "0ba") else (0, "ba")
+    warmup, unit = (
+        duration_parts("schedule.warmup", cfg.schedule.warmup) if cfg.schedule.warmup not in ("0", "0ba") else (0, "ba")
+    )
     if unit != "ba":
         raise ConfigError(f"Invalid schedule.warmup: {cfg.schedule.warmup!r} (give batches, e.g. '100ba')")
     if cfg.optimizer.name == "sgd" and cfg.coap is not None:
@@ -371,31 +392,26 @@ def _validate(cfg: TrainConfig) -> None:
 def _validate_coap(coap: CoapConfig) -> None:
     """Check the section with the adapters' own validation; resolve ``rank_ratio_cnn`` into
     ``rank_ratio_conv``."""
-    from ..algorithms._swap import CoapSettings
+    from .._checks import SettingError
+    from ..settings import CoapSettings
 
     alias = coap.rank_ratio_cnn is not None
     if alias:
         if coap.rank_ratio_conv is not None and coap.rank_ratio_conv != coap.rank_ratio_cnn:
             raise ConfigError(
-                f"Invalid coap.rank_ratio_cnn: {coap.rank_ratio_cnn!r} with coap.rank_ratio_conv: {coap.rank_ratio_conv!r} "
+                f"Invalid coap.rank_ratio_cnn: {coap.rank_ratio_cnn!r} with coap.rank_ratio_conv: "
+                f"{coap.rank_ratio_conv!r} "
                 "(rank_ratio_cnn is an alias of rank_ratio_conv: give one of them)"
             )
         coap.rank_ratio_conv, coap.rank_ratio_cnn = coap.rank_ratio_cnn, None
     try:
-        CoapSettings(
-            optimizer=coap.optimizer, eight_bit=coap.eight_bit, rank=coap.rank,
-            rank_ratio_matrix=coap.rank_ratio_matrix, rank_ratio_conv=coap.rank_ratio_conv,
-            min_conv_numel=coap.min_conv_numel, exclude=tuple(coap.exclude),
-            update_interval=coap.update_interval, reproject_factor=coap.reproject_factor,
-            restore_state=coap.restore_state, seed=coap.seed,
-        )
+        given = {f.name: getattr(coap, f.name) for f in fields(coap) if f.name != "rank_ratio_cnn"}
+        CoapSettings(**dict(given, exclude=tuple(coap.exclude)))
+    except SettingError as exc:  # the offending key comes with the error
+        key = "rank_ratio_cnn" if alias and exc.key == "rank_ratio_conv" else exc.key
+        raise ConfigError(f"Invalid coap.{key}: {exc.reason}") from None
     except ValueError as exc:
-        message = str(exc)
-        m = re.match(r"Invalid (\w+): (.*)", message)
-        if m is None:
-            raise ConfigError(f"Invalid coap section: {message}") from None
-        key = "rank_ratio_cnn" if alias and m.group(1) == "rank_ratio_conv" else m.group(1)
-        raise ConfigError(f"Invalid coap.{key}: {m.group(2)}") from None
+        raise ConfigError(f"Invalid coap section: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ Each sample holds ``__key__`` (``"<split>-<index:06d>"``), ``image.npy`` (a C x 
 array) and ``cls`` (the integer label).  The array's dtype says how to read it:
 
 - ``float32``: stored ready to use.  The digits writer stores the images exactly as
-  :func:`coap_plugins.examples.load_digits_tensors` returns them, i.e. already normalized with
+  :func:`coap_plugins.train.digits.load_digits_tensors` returns them, i.e. already normalized with
   the training images' mean and std (``meta["normalized"]`` is ``true``).
 - ``uint8``: raw 8-bit pixels (ImageFolder, CIFAR-10), a quarter of the float size on disk;
   :func:`shard_dataset` scales them to ``[0, 1]`` (``meta["normalized"]`` is ``false``).
@@ -41,6 +41,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from .._checks import check_positive_int
+from .._extras import require
+from ._dist import rank_world
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "check_shards",
@@ -60,18 +64,7 @@ _CIFAR_FILES = (*_CIFAR_TRAIN, "test_batch", "batches.meta")
 
 
 def _import_webdataset() -> Any:
-    try:
-        import webdataset as wds
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "coap_plugins.train.data needs webdataset; install it with `pip install coap-plugins[vision]`"
-        ) from exc
-    return wds
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= 1)")
+    return require("webdataset", "vision", what="coap_plugins.train.data")
 
 
 def _check_split(split: Any) -> None:
@@ -101,7 +94,9 @@ def _write_split(
                 names.append(name)
                 # mtime fixed so that the same data gives byte-identical shards
                 writer = wds.TarWriter(str(out_dir / name), mtime=0.0)
-            writer.write({"__key__": f"{split}-{count:06d}", "image.npy": np.ascontiguousarray(image), "cls": int(label)})
+            writer.write(
+                {"__key__": f"{split}-{count:06d}", "image.npy": np.ascontiguousarray(image), "cls": int(label)}
+            )
             count += 1
     finally:
         if writer is not None:
@@ -135,7 +130,7 @@ def _write_all(
     source: dict[str, Any],
     normalized: bool,
 ) -> dict[str, Any]:
-    _check_positive_int("shard_size", shard_size)
+    check_positive_int("shard_size", shard_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stale = sorted(p.name for s in _SPLITS for p in out.glob(f"{s}-*.tar"))
@@ -265,8 +260,9 @@ def check_shards(shard_dir: str | os.PathLike[str], meta: dict[str, Any] | None 
             held = next(i for p, i in shards if p == path)
             numbered = f", numbered {held[0]} to {held[-1]}" if held else ""
             raise _shard_error(
-                path, f"disagrees with the index {index}: the {split} shards hold {total} samples, the index counts "
-                f"{expected} (this shard holds {len(held)}{numbered})"
+                path,
+                f"disagrees with the index {index}: the {split} shards hold {total} samples, the index counts "
+                f"{expected} (this shard holds {len(held)}{numbered})",
             )
 
 
@@ -277,7 +273,7 @@ def write_digits_shards(
     test_fraction: float = 0.25,
     shard_size: int = 1000,
 ) -> dict[str, Any]:
-    """scikit-learn's digits, split by :func:`~coap_plugins.examples.load_digits_tensors`, as shards.
+    """scikit-learn's digits, split by :func:`~coap_plugins.train.digits.load_digits_tensors`, as shards.
 
     The train split is ``x_train``/``y_train`` and the val split ``x_test``/``y_test``, in the
     order ``load_digits_tensors(size, seed, test_fraction)`` returns them, stored as float32
@@ -293,9 +289,9 @@ def write_digits_shards(
     Returns:
         The metadata written to ``meta.json``.
     """
-    from ..examples import load_digits_tensors
+    from .digits import load_digits_tensors
 
-    _check_positive_int("shard_size", shard_size)
+    check_positive_int("shard_size", shard_size)
     data = load_digits_tensors(size=size, seed=seed, test_fraction=test_fraction)
     splits = {
         "train": (list(data.x_train.numpy()), data.y_train.tolist()),
@@ -348,19 +344,17 @@ def write_imagefolder_shards(
     if not root.is_dir():
         raise FileNotFoundError(f"ImageFolder root not found: {root} (expected a folder with one subfolder per class)")
     if size is not None:
-        _check_positive_int("size", size)
+        check_positive_int("size", size)
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"Invalid val_fraction: {val_fraction!r} (must be in [0, 1))")
-    _check_positive_int("shard_size", shard_size)
+    check_positive_int("shard_size", shard_size)
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise ValueError(f"No class subfolders in {root} (expected SRC/<class>/<image>.png|.jpg)")
     rng = np.random.default_rng(seed)
     files: dict[str, list[tuple[Path, int]]] = {"train": [], "val": []}
     for label, name in enumerate(classes):
-        paths = sorted(
-            p for p in (root / name).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-        )
+        paths = sorted(p for p in (root / name).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         if not paths:
             raise ValueError(
                 f"Class folder {root / name} holds no images (expected files ending in {', '.join(IMAGE_EXTENSIONS)})"
@@ -417,7 +411,7 @@ def write_cifar10_shards(
     Returns:
         The metadata written to ``meta.json``.
     """
-    _check_positive_int("shard_size", shard_size)
+    check_positive_int("shard_size", shard_size)
     folder = _find_cifar_dir(Path(src))
     missing = [name for name in _CIFAR_FILES if not (folder / name).is_file()]
     if missing:
@@ -449,7 +443,9 @@ def _shard_urls(pattern_or_dir: str | os.PathLike[str], split: str) -> list[str]
     if path.is_dir():
         urls = sorted(glob.glob(str(path / f"{split}-*.tar")))
         if not urls:
-            raise ValueError(f"No {split} shards in {path} (expected files named {split}-NNNNNN.tar, as coap-data writes)")
+            raise ValueError(
+                f"No {split} shards in {path} (expected files named {split}-NNNNNN.tar, as coap-data writes)"
+            )
         return urls
     if "{" in spec:
         from webdataset.shardlists import expand_urls
@@ -469,7 +465,8 @@ def _shard_urls(pattern_or_dir: str | os.PathLike[str], split: str) -> list[str]
     local_missing = [u for u in urls if "://" not in u and not Path(u).is_file()]
     if local_missing:
         raise FileNotFoundError(
-            f"Shard file not found: {local_missing[0]} ({len(local_missing)} of the {len(urls)} files of {spec} are missing)"
+            f"Shard file not found: {local_missing[0]} ({len(local_missing)} of the {len(urls)} files of {spec} "
+            "are missing)"
         )
     return urls
 
@@ -491,12 +488,6 @@ class _EveryNth:
         for i, sample in enumerate(src):
             if i % self.world == self.rank:
                 yield sample
-
-
-def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def _decode_sample(sample: dict[str, Any]) -> tuple[torch.Tensor, int]:
@@ -557,7 +548,7 @@ def shard_dataset(
     if isinstance(shuffle_buffer, bool) or not isinstance(shuffle_buffer, int) or shuffle_buffer < 0:
         raise ValueError(f"Invalid shuffle_buffer: {shuffle_buffer!r} (must be an integer >= 0)")
     if epoch_length is not None:
-        _check_positive_int("epoch_length", epoch_length)
+        check_positive_int("epoch_length", epoch_length)
     wds = _import_webdataset()
     urls = _shard_urls(pattern_or_dir, split)
     stages: list[Any] = [wds.SimpleShardList(urls)]
@@ -568,7 +559,7 @@ def shard_dataset(
     if rank_split == "shard":
         stages += [wds.split_by_node, wds.split_by_worker, wds.tarfile_to_samples()]
     else:
-        rank, world = _rank_world()
+        rank, world = rank_world()
         stages += [wds.split_by_worker, wds.tarfile_to_samples(), _EveryNth(rank, world)]
     if shuffle_buffer > 0:
         # a different seed than the shard shuffle, still identical on every rank/worker
@@ -585,7 +576,8 @@ def shard_dataset(
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="coap-data", description="Write image data sets as webdataset shards for coap-train (nothing is downloaded)."
+        prog="coap-data",
+        description="Write image data sets as webdataset shards for coap-train (nothing is downloaded).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     digits = sub.add_parser("digits", help="scikit-learn's bundled 8x8 digits, upsampled")
@@ -618,7 +610,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         elif args.command == "imagefolder":
             meta = write_imagefolder_shards(
-                args.src, args.out, size=args.size, val_fraction=args.val_fraction, seed=args.seed, shard_size=args.shard_size
+                args.src,
+                args.out,
+                size=args.size,
+                val_fraction=args.val_fraction,
+                seed=args.seed,
+                shard_size=args.shard_size,
             )
         else:
             meta = write_cifar10_shards(args.src, args.out, shard_size=args.shard_size)

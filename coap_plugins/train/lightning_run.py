@@ -1,4 +1,7 @@
-"""``trainer: lightning``: the recipe as a Lightning ``Trainer`` with :class:`CoapCallback`."""
+"""``trainer: lightning``: the recipe as a Lightning ``Trainer`` with :class:`CoapCallback`.
+
+Imported by :func:`coap_plugins.train.cli.run` only once a recipe chose Lightning.
+"""
 
 from __future__ import annotations
 
@@ -11,165 +14,187 @@ from typing import Any
 
 import torch
 
+from .._extras import missing_extra
 from .checkpoints import resume_checkpoint
-from .common import (RunInterrupted, TrainingDiverged, build_optimizer, coap_kwargs, count_params, lr_scheduler, require,
-                     total_steps)
+from .common import (
+    RunInterrupted,
+    TrainingDiverged,
+    build_optimizer,
+    coap_kwargs,
+    finish_run,
+    lr_scheduler,
+    total_steps,
+)
 from .config import TrainConfig, duration_parts
 from .loader import DataBundle, ShardLoader
 from .outputs import RunLog
 from .tasks import TaskModule, eval_metrics
+
+try:
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from ..algorithms.lightning import CoapCallback
+except ImportError as e:  # pragma: no cover - exercised only without lightning
+    raise missing_extra("coap-train's trainer: lightning", "PyTorch Lightning", "lightning") from e
 
 __all__ = ["run_lightning"]
 
 _PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
 
 
-def _module_class() -> type:
-    pl = require("lightning.pytorch", "lightning")
+class CoapTaskModule(pl.LightningModule):
+    """A :class:`TaskModule` as a ``LightningModule``; the data come from ``bundle``."""
 
-    class CoapTaskModule(pl.LightningModule):
-        """A :class:`TaskModule` as a ``LightningModule``; the data come from ``bundle``."""
+    def __init__(self, cfg: TrainConfig, task: TaskModule, bundle: DataBundle) -> None:
+        super().__init__()
+        self.cfg, self.task, self.bundle = cfg, task, bundle
+        self.metrics = torch.nn.ModuleDict(eval_metrics(task.task))
+        self.log_run: RunLog | None = None
+        self._eval_start = 0.0
 
-        def __init__(self, cfg: TrainConfig, task: TaskModule, bundle: DataBundle) -> None:
-            super().__init__()
-            self.cfg, self.task, self.bundle = cfg, task, bundle
-            self.metrics = torch.nn.ModuleDict(eval_metrics(task.task))
-            self.log_run: RunLog | None = None
-            self._eval_start = 0.0
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.task.loss(self.task(batch), batch)
 
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            return self.task.loss(self.task(batch), batch)
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        for name, values in self.task.eval_values(batch).items():
+            self.metrics[name].update(values)
 
-        def validation_step(self, batch: Any, batch_idx: int) -> None:
-            for name, values in self.task.eval_values(batch).items():
-                self.metrics[name].update(values)
+    def on_validation_epoch_start(self) -> None:
+        self._eval_start = time.perf_counter()
 
-        def on_validation_epoch_start(self) -> None:
-            self._eval_start = time.perf_counter()
+    def on_validation_epoch_end(self) -> None:
+        values = {name: m.compute() for name, m in self.metrics.items()}  # summed across ranks
+        for m in self.metrics.values():
+            m.reset()
+        if self.log_run is not None and not self.trainer.sanity_checking:
+            step = self.global_step
+            self.log_run.eval_row(step, step // len(self.bundle.train), values, time.perf_counter() - self._eval_start)
 
-        def on_validation_epoch_end(self) -> None:
-            values = {name: m.compute() for name, m in self.metrics.items()}  # summed across ranks
-            for m in self.metrics.values():
-                m.reset()
-            if self.log_run is not None and not self.trainer.sanity_checking:
-                step = self.global_step
-                self.log_run.eval_row(step, step // len(self.bundle.train), values, time.perf_counter() - self._eval_start)
+    def configure_optimizers(self) -> Any:
+        optimizer = build_optimizer(self.cfg, self.task.net)
+        steps = total_steps(self.cfg, len(self.bundle.train))
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": lr_scheduler(self.cfg, optimizer, steps), "interval": "step"},
+        }
 
-        def configure_optimizers(self) -> Any:
-            optimizer = build_optimizer(self.cfg, self.task.net)
-            steps = total_steps(self.cfg, len(self.bundle.train))
-            return {"optimizer": optimizer,
-                    "lr_scheduler": {"scheduler": lr_scheduler(self.cfg, optimizer, steps), "interval": "step"}}
+    def train_dataloader(self) -> ShardLoader:
+        return self.bundle.train
 
-        def train_dataloader(self) -> ShardLoader:
-            return self.bundle.train
-
-        def val_dataloader(self) -> ShardLoader:
-            return self.bundle.eval
-
-    return CoapTaskModule
+    def val_dataloader(self) -> ShardLoader:
+        return self.bundle.eval
 
 
-def _recorder_class() -> type:
-    pl = require("lightning.pytorch", "lightning")
+class RunRecorder(pl.Callback):
+    """Feeds :class:`RunLog`; keeps the loader's epoch and mid-epoch position in checkpoints;
+    stops (``stop_on_nonfinite``) on a non-finite training loss."""
 
-    class RunRecorder(pl.Callback):
-        """Feeds :class:`RunLog`; keeps the loader's epoch and mid-epoch position in checkpoints;
-        stops (``stop_on_nonfinite``) on a non-finite training loss."""
+    def __init__(self, cfg: TrainConfig, loader: ShardLoader, stop_after: int | None, resume: bool) -> None:
+        self.cfg, self.loader, self.stop_after, self.resume = cfg, loader, stop_after, resume
+        self.run_log: RunLog | None = None
+        self.batches_in_epoch = 0
+        self._epoch = 0
+        self._restored = False
+        self.first_step: int | None = None
 
-        def __init__(self, cfg: TrainConfig, loader: ShardLoader, stop_after: int | None, resume: bool) -> None:
-            self.cfg, self.loader, self.stop_after, self.resume = cfg, loader, stop_after, resume
-            self.run_log: RunLog | None = None
-            self.batches_in_epoch = 0
-            self._epoch = 0
-            self._restored = False
-            self.first_step: int | None = None
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self._epoch, "batches_in_epoch": self.batches_in_epoch}
 
-        def state_dict(self) -> dict[str, Any]:
-            return {"epoch": self._epoch, "batches_in_epoch": self.batches_in_epoch}
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # restored before Lightning makes the restarted epoch's iterator: position the loader now
+        self._epoch = int(state_dict["epoch"])
+        self.batches_in_epoch = int(state_dict["batches_in_epoch"])
+        self.loader.set_epoch(self._epoch)
+        self.loader.skip(self.batches_in_epoch)
+        self._restored = True
 
-        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-            # restored before Lightning makes the restarted epoch's iterator: position the loader now
-            self._epoch = int(state_dict["epoch"])
-            self.batches_in_epoch = int(state_dict["batches_in_epoch"])
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.run_log is None:  # the global rank is known from here on (DDP processes exist)
+            self.run_log = RunLog(self.cfg, rank=trainer.global_rank, resuming=self.resume)
+            pl_module.log_run = self.run_log
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.first_step = trainer.global_step
+        if not self._restored:
+            self._epoch = trainer.current_epoch
             self.loader.set_epoch(self._epoch)
-            self.loader.skip(self.batches_in_epoch)
-            self._restored = True
-
-        def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-            if self.run_log is None:  # the global rank is known from here on (DDP processes exist)
-                self.run_log = RunLog(self.cfg, rank=trainer.global_rank, resuming=self.resume)
-                pl_module.log_run = self.run_log
-
-        def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-            self.first_step = trainer.global_step
-            if not self._restored:
-                self._epoch = trainer.current_epoch
-                self.loader.set_epoch(self._epoch)
-            if self.resume:  # the checkpoint is loaded: drop the rows past it
-                assert self.run_log is not None
-                self.run_log.truncate(trainer.global_step)
-
-        def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-            if trainer.current_epoch != self._epoch:  # a new epoch (not the restarted one)
-                self._epoch = trainer.current_epoch
-                self.loader.set_epoch(self._epoch)
-                self.loader.skip(0)
-                self.batches_in_epoch = 0
-
-        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-            if self.stop_after is not None and trainer.global_step >= self.stop_after:
-                raise RunInterrupted(f"stopped after {self.stop_after} batches (stop_after_batches)")
-
-        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-            self.batches_in_epoch += 1
-            loss = outputs["loss"].detach().float().item() if isinstance(outputs, dict) else float(outputs)
-            lr = trainer.optimizers[0].param_groups[0]["lr"]
+        if self.resume:  # the checkpoint is loaded: drop the rows past it
             assert self.run_log is not None
-            self.run_log.train_row(trainer.global_step, trainer.current_epoch, loss, lr)
-            # raised before ModelCheckpoint (always the last callback) saves this step; every rank
-            # decides together, as EarlyStopping(check_finite=True) does
-            if self.cfg.stop_on_nonfinite and trainer.strategy.reduce_boolean_decision(not math.isfinite(loss), all=False):
-                raise TrainingDiverged(trainer.global_step, loss)
+            self.run_log.truncate(trainer.global_step)
 
-    return RunRecorder
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch != self._epoch:  # a new epoch (not the restarted one)
+            self._epoch = trainer.current_epoch
+            self.loader.set_epoch(self._epoch)
+            self.loader.skip(0)
+            self.batches_in_epoch = 0
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.stop_after is not None and trainer.global_step >= self.stop_after:
+            raise RunInterrupted(f"stopped after {self.stop_after} batches (stop_after_batches)")
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.batches_in_epoch += 1
+        loss = outputs["loss"].detach().float().item() if isinstance(outputs, dict) else float(outputs)
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        assert self.run_log is not None
+        self.run_log.train_row(trainer.global_step, trainer.current_epoch, loss, lr)
+        # raised before ModelCheckpoint (always the last callback) saves this step; every rank
+        # decides together, as EarlyStopping(check_finite=True) does
+        if self.cfg.stop_on_nonfinite and trainer.strategy.reduce_boolean_decision(not math.isfinite(loss), all=False):
+            raise TrainingDiverged(trainer.global_step, loss)
 
 
 def _interval_kwargs(cfg: TrainConfig) -> dict[str, Any]:
     n, unit = duration_parts("max_duration", cfg.max_duration)
     kwargs: dict[str, Any] = {"max_steps": n, "max_epochs": -1} if unit == "ba" else {"max_epochs": n}
     n, unit = duration_parts("eval_interval", cfg.eval_interval)
-    kwargs.update({"check_val_every_n_epoch": n} if unit == "ep" else {"val_check_interval": n, "check_val_every_n_epoch": None})
+    kwargs.update(
+        {"check_val_every_n_epoch": n} if unit == "ep" else {"val_check_interval": n, "check_val_every_n_epoch": None}
+    )
     return kwargs
 
 
-def _checkpoint_callback(cfg: TrainConfig, folder: Path) -> Any:
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
+def _checkpoint_callback(cfg: TrainConfig, folder: Path) -> ModelCheckpoint:
     every: dict[str, Any] = {}
     if cfg.checkpoint.interval is not None:
         n, unit = duration_parts("checkpoint.interval", cfg.checkpoint.interval)
         every = {"every_n_train_steps": n} if unit == "ba" else {"every_n_epochs": n}
-    return ModelCheckpoint(dirpath=str(folder), filename="ep{epoch}-ba{step}", auto_insert_metric_name=False,
-                           save_last=True, save_top_k=-1, enable_version_counter=False, **every)
+    return ModelCheckpoint(
+        dirpath=str(folder),
+        filename="ep{epoch}-ba{step}",
+        auto_insert_metric_name=False,
+        save_last=True,
+        save_top_k=-1,
+        enable_version_counter=False,
+        **every,
+    )
 
 
-def run_lightning(cfg: TrainConfig, data: DataBundle, task: TaskModule, *, stop_after_batches: int | None = None) -> dict[str, Any] | None:
+def run_lightning(
+    cfg: TrainConfig, data: DataBundle, task: TaskModule, *, stop_after_batches: int | None = None
+) -> dict[str, Any] | None:
     """Train ``task`` on ``data`` with Lightning; returns the summary (None off rank 0)."""
-    pl = require("lightning.pytorch", "lightning")
-    from ..algorithms.lightning import CoapCallback
-
-    module = _module_class()(cfg, task, data)
+    module = CoapTaskModule(cfg, task, data)
     folder = Path(cfg.output_dir or ".") / cfg.checkpoint.folder
     last = folder / "last.ckpt"
     start = None
     if cfg.checkpoint.resume:
-        start = resume_checkpoint(folder, last if last.is_file() else None, folder.glob("ep*-ba*.ckpt"),
-                                  announce=int(os.environ.get("LOCAL_RANK", 0)) == 0)
+        start = resume_checkpoint(
+            folder,
+            last if last.is_file() else None,
+            folder.glob("ep*-ba*.ckpt"),
+            announce=int(os.environ.get("LOCAL_RANK", 0)) == 0,
+        )
     resume = start is not None
     if not resume and last.is_file() and int(os.environ.get("LOCAL_RANK", 0)) == 0:
         last.unlink()  # a fresh run: a later `resume` must not pick up an older run's pointer
-    recorder = _recorder_class()(cfg, data.train, stop_after_batches, resume)
+    recorder = RunRecorder(cfg, data.train, stop_after_batches, resume)
     callbacks: list[Any] = [recorder, _checkpoint_callback(cfg, folder)]
     if cfg.coap is not None:
         callbacks.insert(0, CoapCallback(**coap_kwargs(cfg.coap)))
@@ -199,24 +224,17 @@ def run_lightning(cfg: TrainConfig, data: DataBundle, task: TaskModule, *, stop_
             recorder.run_log.stopped_diverged(exc.step, exc.loss)
         else:
             diverged = None
-    final = trainer.global_step
-    log = recorder.run_log
-    if log.last_eval_step != final and diverged is None:
-        trainer.validate(module, verbose=False)
-    grid = None
-    if task.task == "ddpm" and cfg.task.num_samples > 0 and trainer.global_rank == 0 and diverged is None:
-        grid = "samples.png"
-        task.sample_grid(str(Path(cfg.output_dir or ".") / grid), cfg.task.num_samples, cfg.seed)
-    summary = log.finish(
+    assert recorder.run_log is not None  # made at setup
+    return finish_run(
+        cfg,
+        task,
+        recorder.run_log,
+        evaluate=lambda: trainer.validate(module, verbose=False),
         optimizer=trainer.optimizers[0],
-        params=count_params(task.net),
-        steps=final,
-        steps_this_run=final - (recorder.first_step or 0),
-        samples_per_step=cfg.data.batch_size * trainer.world_size,
+        steps=trainer.global_step,
+        first_step=recorder.first_step,
+        rank=trainer.global_rank,
         world_size=trainer.world_size,
         device=module.device,
-        sample_grid=grid,
+        diverged=diverged,
     )
-    if diverged is not None:
-        raise diverged
-    return summary

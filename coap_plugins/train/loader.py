@@ -23,8 +23,10 @@ from typing import Any
 
 import torch
 
+from .._extras import require
+from ._dist import rank_world
 from .config import DataConfig
-from .data import _rank_world, check_shards, read_meta, shard_dataset, write_cifar10_shards, write_digits_shards
+from .data import check_shards, read_meta, shard_dataset, write_cifar10_shards, write_digits_shards
 
 __all__ = ["DataBundle", "ShardLoader", "cache_dir", "prepare_data", "prepare_shards"]
 
@@ -58,10 +60,7 @@ def _write_once(final: Path, write: Any) -> Path:
 
 
 def _download_cifar10(dest: Path) -> Path:
-    try:
-        import torchvision
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("data.download needs torchvision; install it with `pip install coap-plugins[vision]`") from exc
+    torchvision = require("torchvision", "vision", what="data.download")
     raw = dest.parent / "cifar10-raw"
     try:
         torchvision.datasets.CIFAR10(str(raw), train=True, download=True)
@@ -90,7 +89,8 @@ def prepare_shards(cfg: DataConfig) -> Path:
     where = Path(cfg.path or ".")
     if not where.exists():
         raise FileNotFoundError(
-            f"Data folder not found: {where} (data.path; write shards with `coap-data {cfg.name if cfg.name != 'shards' else 'imagefolder'} SRC --out {where}`)"
+            f"Data folder not found: {where} (data.path; write shards with "
+            f"`coap-data {cfg.name if cfg.name != 'shards' else 'imagefolder'} SRC --out {where}`)"
         )
     raise ValueError(f"No shards in {where}: meta.json is missing (data.path must be a folder written by coap-data)")
 
@@ -137,7 +137,7 @@ class ShardLoader:
     @property
     def world_size(self) -> int:
         # read when used: Lightning starts its DDP processes after the loaders are made
-        return _rank_world()[1]
+        return rank_world()[1]
 
     @property
     def batches_per_epoch(self) -> int:
@@ -170,8 +170,12 @@ class ShardLoader:
         if self.train:
             per_worker = math.ceil(self.batches_per_epoch / workers) * self.batch_size
             ds = shard_dataset(
-                self.source, self.split, shuffle_buffer=self.shuffle_buffer,
-                seed=self.seed * 100_003 + self.epoch * 7_919, epoch_length=per_worker, with_index=True,
+                self.source,
+                self.split,
+                shuffle_buffer=self.shuffle_buffer,
+                seed=self.seed * 100_003 + self.epoch * 7_919,
+                epoch_length=per_worker,
+                with_index=True,
                 # a subset (limit) may sit in a few shards: every rank reads all and keeps its share
                 rank_split="shard" if self.limit is None else "sample",
             )
@@ -228,16 +232,33 @@ def prepare_data(cfg: DataConfig, seed: int) -> DataBundle:
             raise ValueError(f"{source} has no {split} samples (meta.json counts: {counts})")
     n_train = counts["train"] if cfg.train_samples is None else min(cfg.train_samples, counts["train"])
     train = ShardLoader(
-        source, "train", cfg.batch_size, n_train, train=True, seed=seed, shuffle_buffer=cfg.shuffle_buffer,
-        num_workers=cfg.num_workers, limit=cfg.train_samples, num_shards=len(shards["train"]),
+        source,
+        "train",
+        cfg.batch_size,
+        n_train,
+        train=True,
+        seed=seed,
+        shuffle_buffer=cfg.shuffle_buffer,
+        num_workers=cfg.num_workers,
+        limit=cfg.train_samples,
+        num_shards=len(shards["train"]),
     )
     evaluation = ShardLoader(
         # evaluation reads every shard on every rank; more workers than shards would idle
-        source, "val", cfg.eval_batch_size, counts["val"], train=False,
+        source,
+        "val",
+        cfg.eval_batch_size,
+        counts["val"],
+        train=False,
         num_workers=min(cfg.num_workers, len(shards["val"])),
         num_shards=len(shards["val"]),
     )
     return DataBundle(
-        train=train, eval=evaluation, meta=meta, source=source, in_chans=int(meta["channels"]),
-        num_classes=len(meta["classes"]), size=tuple(meta["size"]),
+        train=train,
+        eval=evaluation,
+        meta=meta,
+        source=source,
+        in_chans=int(meta["channels"]),
+        num_classes=len(meta["classes"]),
+        size=tuple(meta["size"]),
     )

@@ -45,10 +45,7 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> tuple[int, int]:
     if isinstance(optimizer, CoapOptimizer):
         return optimizer.state_bytes(), optimizer.full_rank_state_bytes()
     used = sum(
-        v.numel() * v.element_size()
-        for state in optimizer.state.values()
-        for v in state.values()
-        if torch.is_tensor(v)
+        v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)
     )
     full = sum(8 * p.numel() for g in optimizer.param_groups for p in g["params"])
     return used, full
@@ -114,7 +111,9 @@ class RunLog:
         if first_bad:
             self.diverged = {"step": step, "loss": loss, "stopped": self.cfg.stop_on_nonfinite}
         if self.active and (step % self.cfg.log_interval == 0 or first_bad):
-            self._write({"split": "train", "step": step, "epoch": epoch, "loss": loss, "lr": lr, "time": self.elapsed()})
+            self._write(
+                {"split": "train", "step": step, "epoch": epoch, "loss": loss, "lr": lr, "time": self.elapsed()}
+            )
 
     def stopped_diverged(self, step: int, loss: float) -> None:
         """Training stopped at ``step`` because a loss (this rank's or another's) was not finite."""

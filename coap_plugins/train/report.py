@@ -88,7 +88,9 @@ def _read_summary(path: Path) -> dict[str, Any]:
     try:
         summary = json.loads(file.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{file} is not valid JSON ({exc.msg} at line {exc.lineno}); expected the object written by coap-train") from exc
+        raise ValueError(
+            f"{file} is not valid JSON ({exc.msg} at line {exc.lineno}); expected the object written by coap-train"
+        ) from exc
     if not isinstance(summary, dict):
         raise ValueError(f"{file} holds a {type(summary).__name__}; expected a JSON object")
     missing = [k for k in REQUIRED_KEYS if k not in summary]
@@ -110,7 +112,9 @@ def _read_metrics(file: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{file}, line {lineno}: malformed JSON ({exc.msg}); expected one JSON object per line") from exc
+                raise ValueError(
+                    f"{file}, line {lineno}: malformed JSON ({exc.msg}); expected one JSON object per line"
+                ) from exc
             if not isinstance(row, dict):
                 raise ValueError(f"{file}, line {lineno}: got a {type(row).__name__}; expected a JSON object")
             if row.get("split") == "train":
@@ -459,17 +463,23 @@ def _warnings(run: Run) -> list[str]:
     if isinstance(diverged, dict):
         loss, step = format_metric("loss", diverged.get("loss")), diverged.get("step", MISSING)
         if diverged.get("stopped"):
-            lines.append(f"**Diverged**: the training loss was {loss} at step {step}; training stopped there "
-                         "(`stop_on_nonfinite: true`).")
+            lines.append(
+                f"**Diverged**: the training loss was {loss} at step {step}; training stopped there "
+                "(`stop_on_nonfinite: true`)."
+            )
         else:
-            lines.append(f"**Diverged**: the training loss was first {loss} at step {step}; training went on "
-                         "(`stop_on_nonfinite: false`).")
+            lines.append(
+                f"**Diverged**: the training loss was first {loss} at step {step}; training went on "
+                "(`stop_on_nonfinite: false`)."
+            )
     waiting = s.get("waiting_layers") or []
     if waiting:
         n = len(waiting)
         names = ", ".join(f"`{w}`" for w in waiting[:5]) + (", ..." if n > 5 else "")
-        lines.append(f"**{n} projected layer{'s' if n > 1 else ''} never received a usable gradient**: "
-                     f"{'their' if n > 1 else 'its'} state is not counted in the optimizer state below ({names}).")
+        lines.append(
+            f"**{n} projected layer{'s' if n > 1 else ''} never received a usable gradient**: "
+            f"{'their' if n > 1 else 'its'} state is not counted in the optimizer state below ({names})."
+        )
     return lines
 
 
@@ -523,7 +533,9 @@ def _best_line(runs: Sequence[Run], labels: list[str]) -> str | None:
         return None
     value, label = (max if goal == "max" else min)(scored, key=lambda pair: pair[0])  # ties: earliest run
     metric = runs[0].metric
-    return f"Best {metric} ({'higher' if goal == 'max' else 'lower'} is better): {label}, {format_metric(metric, value)}."
+    return (
+        f"Best {metric} ({'higher' if goal == 'max' else 'lower'} is better): {label}, {format_metric(metric, value)}."
+    )
 
 
 def compare(run_dirs: Sequence[str | Path], out_dir: str | Path | None = None) -> tuple[Path, Path]:
@@ -553,7 +565,11 @@ def compare(run_dirs: Sequence[str | Path], out_dir: str | Path | None = None) -
     labels = _labels(runs)
     lines = [f"# Comparison of {len(runs)} {runs[0].task} runs", ""]
     lines += [f"- {lab}: `{r.path}` ({r.summary.get('optimizer', MISSING)})" for r, lab in zip(runs, labels)]
-    lines += ["", f"Relative columns divide by the first run ({labels[0]}); time/step is wall seconds per optimizer step.", ""]
+    lines += [
+        "",
+        f"Relative columns divide by the first run ({labels[0]}); time/step is wall seconds per optimizer step.",
+        "",
+    ]
     lines.append(summary_table(runs, relative=True).rstrip("\n"))
     best = _best_line(runs, labels)
     if best:
@@ -574,8 +590,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "(comparison.md and comparison.png).",
     )
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="run folders written by coap-train")
-    parser.add_argument("--out", metavar="OUT_DIR", default=None,
-                        help="write comparison.md / comparison.png here (default: the current directory)")
+    parser.add_argument(
+        "--out",
+        metavar="OUT_DIR",
+        default=None,
+        help="write comparison.md / comparison.png here (default: the current directory)",
+    )
     return parser
 
 

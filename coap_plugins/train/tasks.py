@@ -10,13 +10,14 @@ in either framework.  Evaluation metrics are torchmetrics objects (summed across
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._extras import require
+from ._dist import rank_world
 from .config import TrainConfig
 from .unet import DDPM, UNet
 
@@ -34,13 +35,12 @@ def _small_input_stem(model: nn.Module, in_chans: int) -> None:
 
 
 def _timm_model(name: str, pretrained: bool, in_chans: int, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
-    try:
-        import timm
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("timm models need timm; install it with `pip install coap-plugins[vision]`") from exc
+    timm = require("timm", "vision", what="timm models")
     if not timm.is_model(name):
         close = timm.list_models(f"*{name}*")[:5]
-        raise ValueError(f"Unknown model.name: {name!r} (not a timm model{'; similar: ' + ', '.join(close) if close else ''})")
+        raise ValueError(
+            f"Unknown model.name: {name!r} (not a timm model{'; similar: ' + ', '.join(close) if close else ''})"
+        )
     try:
         return timm.create_model(name, pretrained=pretrained, in_chans=in_chans, num_classes=num_classes, **kwargs)
     except (OSError, RuntimeError) as exc:
@@ -52,13 +52,17 @@ def _timm_model(name: str, pretrained: bool, in_chans: int, num_classes: int, kw
         raise
 
 
-def _torchvision_model(name: str, pretrained: bool, in_chans: int, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
+def _torchvision_model(
+    name: str, pretrained: bool, in_chans: int, num_classes: int, kwargs: dict[str, Any]
+) -> nn.Module:
     import torchvision
 
     if name not in torchvision.models.list_models(module=torchvision.models):
         raise ValueError(f"Unknown model.name: 'torchvision/{name}' (not a torchvision classification model)")
     if pretrained:
-        raise ValueError("model.pretrained with a torchvision model is not supported (weights are downloaded); use a timm name")
+        raise ValueError(
+            "model.pretrained with a torchvision model is not supported (weights are downloaded); use a timm name"
+        )
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
     conv = getattr(model, "conv1", None)
     if in_chans != 3:
@@ -94,12 +98,6 @@ def build_param_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
-
-
-def _rank() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return int(os.environ.get("RANK", 0))
 
 
 def eval_metrics(task: str) -> dict[str, Any]:
@@ -162,7 +160,7 @@ class TaskModule(nn.Module):
         # one stream per (seed, rank, micro-batch): independent of the framework and of restarts
         count = int(self.micro_batches)
         gen = torch.Generator(device=device)
-        gen.manual_seed((self.seed * 1_000_003 + _rank() * 7_919 + count * 104_729) % (2**63 - 1))
+        gen.manual_seed((self.seed * 1_000_003 + rank_world()[0] * 7_919 + count * 104_729) % (2**63 - 1))
         return gen
 
     def _augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -209,18 +207,7 @@ class TaskModule(nn.Module):
                 "loss": F.cross_entropy(logits.float(), y, reduction="none"),
             }
         assert self.ddpm is not None
-        losses = []
-        for k, step in enumerate(self.eval_timesteps):
-            # the noise of (image, timestep) is a function of the image's index only
-            noise = torch.stack([
-                torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(
-                    self.eval_seed * 1_000_003 + int(i) * 1_009 + k))
-                for i in index
-            ]).to(device=x.device, dtype=x.dtype)
-            t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
-            pred = self.net(self.ddpm.q_sample(x, t, noise), t)
-            losses.append((pred.float() - noise.float()).pow(2).flatten(1).mean(dim=1))
-        return {"heldout_loss": torch.stack(losses).mean(dim=0)}
+        return {"heldout_loss": self.ddpm.heldout_losses(self.net, x, index, self.eval_timesteps, self.eval_seed)}
 
     @torch.no_grad()
     def sample_grid(self, path: str, n: int, seed: int) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -223,15 +223,59 @@ class DDPM:
             )
         return steps
 
-    @torch.no_grad()
-    def heldout_loss(
-        self, model: nn.Module, x0: torch.Tensor, timesteps_list: Sequence[int], seed: int = 0
-    ) -> float:
-        """Mean noise-prediction MSE over every image at every timestep of ``timesteps_list``.
+    def _heldout_errors(
+        self, model: nn.Module, x0: torch.Tensor, steps: Sequence[int], noises: Iterable[torch.Tensor]
+    ) -> torch.Tensor:
+        """Per-image noise-prediction MSE at each timestep (``noises[k]`` for ``steps[k]``),
+        computed in float32: a ``(len(steps), len(x0))`` tensor."""
+        rows = []
+        for step, noise in zip(steps, noises):
+            noise = noise.to(device=x0.device, dtype=x0.dtype)
+            t = torch.full((x0.shape[0],), step, device=x0.device, dtype=torch.long)
+            pred = model(self.q_sample(x0, t, noise), t)
+            rows.append((pred.float() - noise.float()).pow(2).flatten(1).mean(dim=1))
+        return torch.stack(rows)
 
-        The noise for (image i, timestep k) comes from a CPU generator seeded with ``seed``
-        alone, so the pairs are identical for every model and optimizer being compared; the
-        model is put in eval mode for the call and its mode restored after.
+    @torch.no_grad()
+    def heldout_losses(
+        self,
+        model: nn.Module,
+        x0: torch.Tensor,
+        index: Sequence[int] | torch.Tensor,
+        timesteps_list: Sequence[int],
+        seed: int = 0,
+    ) -> torch.Tensor:
+        """``coap-train``'s held-out loss of each image (its eval metric ``heldout_loss`` is their
+        mean over the eval set): the noise-prediction MSE averaged over ``timesteps_list``.
+
+        The noise of (image, k-th timestep) comes from a CPU generator seeded with ``seed``, the
+        image's ``index`` in the held-out set and ``k`` alone, so it is the same for every model,
+        optimizer, batch size, rank split and restart.
+        """
+        steps = self._check_timesteps(timesteps_list)
+        noises = (
+            torch.stack(
+                [
+                    torch.randn(
+                        x0.shape[1:], generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i) * 1_009 + k)
+                    )
+                    for i in index
+                ]
+            )
+            for k in range(len(steps))
+        )
+        return self._heldout_errors(model, x0, steps, noises).mean(dim=0)
+
+    @torch.no_grad()
+    def heldout_loss(self, model: nn.Module, x0: torch.Tensor, timesteps_list: Sequence[int], seed: int = 0) -> float:
+        """Mean noise-prediction MSE over every image at every timestep of ``timesteps_list``
+        (the benchmarks' held-out metric).
+
+        The same per-image MSE as :meth:`heldout_losses`, on other noise: the noise of every
+        (timestep, image) pair comes from one CPU generator seeded with ``seed`` alone, drawn
+        for the whole set at once, so the pairs are identical for every model and optimizer
+        being compared, but the number is not ``coap-train``'s ``heldout_loss`` for the same
+        images.  The model is put in eval mode for the call and its mode restored after.
         """
         steps = self._check_timesteps(timesteps_list)
         gen = torch.Generator().manual_seed(seed)
@@ -239,14 +283,9 @@ class DDPM:
         was_training = model.training
         model.eval()
         try:
-            total = 0.0
-            for step, noise in zip(steps, noises):
-                noise = noise.to(device=x0.device, dtype=x0.dtype)
-                t = torch.full((x0.shape[0],), step, device=x0.device, dtype=torch.long)
-                total += F.mse_loss(model(self.q_sample(x0, t, noise), t), noise).item()
+            return float(self._heldout_errors(model, x0, steps, noises).mean())
         finally:
             model.train(was_training)
-        return total / len(steps)
 
     @torch.no_grad()
     def sample(

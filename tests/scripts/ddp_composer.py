@@ -7,14 +7,13 @@ parameters and its optimizer's projectors to ``OUT/rank{R}.pt``.
 import sys
 
 import torch
+from _rank_state import save_rank_state  # this folder: run as a script
 from composer import Trainer
 from composer.models import ComposerClassifier
 from composer.utils import dist
 
 from coap_plugins.algorithms import CoapAlgorithm
 from coap_plugins.examples import SmallCNN, load_digits_tensors
-
-from _rank_state import save_rank_state  # this folder: run as a script
 
 
 def main(out: str) -> None:
@@ -37,8 +36,15 @@ def main(out: str) -> None:
         log_to_console=False,
     )
     trainer.fit()
-    save_rank_state(out, dist.get_global_rank(), dist.get_world_size(), trainer.state.optimizers[0],
-                    trainer.state.model.named_parameters(), trainer.state.algorithms[0].refreshes)
+    save_rank_state(
+        out,
+        dist.get_global_rank(),
+        dist.get_world_size(),
+        trainer.state.optimizers[0],
+        trainer.state.model.named_parameters(),
+        trainer.state.algorithms[0].refreshes,
+    )
+
 
 if __name__ == "__main__":
     main(sys.argv[1])

@@ -8,12 +8,11 @@ import sys
 
 import lightning.pytorch as pl
 import torch
+from _rank_state import save_rank_state  # this folder: run as a script
 from torch import nn
 
 from coap_plugins.algorithms import CoapCallback
 from coap_plugins.examples import SmallCNN, load_digits_tensors
-
-from _rank_state import save_rank_state  # this folder: run as a script
 
 
 class Classifier(pl.LightningModule):
@@ -38,12 +37,22 @@ def main(out: str) -> None:
     model = Classifier()
     cb = CoapCallback(rank_ratio_conv=4, min_conv_numel=0, update_interval=2, reproject_factor=2)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, num_nodes=1, strategy="ddp", max_steps=8, callbacks=[cb], logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
+        accelerator="cpu",
+        devices=2,
+        num_nodes=1,
+        strategy="ddp",
+        max_steps=8,
+        callbacks=[cb],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out,
     )
     trainer.fit(model, loader)
-    save_rank_state(out, trainer.global_rank, trainer.world_size, trainer.optimizers[0], model.named_parameters(),
-                    cb.refreshes)
+    save_rank_state(
+        out, trainer.global_rank, trainer.world_size, trainer.optimizers[0], model.named_parameters(), cb.refreshes
+    )
 
 
 if __name__ == "__main__":
