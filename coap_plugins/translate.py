@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 import weakref
 from collections.abc import Iterable
 from typing import Any
@@ -41,19 +42,31 @@ __all__ = [
 # (base_optimizer), Lightning's LightningOptimizer (_optimizer), and the usual spellings elsewhere
 WRAPPED_OPTIMIZER_ATTRS = ("base_optimizer", "optimizer", "optim", "_optimizer")
 
-_ADAM_NAMES = ("AdamW", "Adam", "DecoupledAdamW")
-_ADAFACTOR_NAMES = ("Adafactor",)
+# The optimizers ``optimizer="auto"`` translates, as (module, class): checked with isinstance
+# against the real classes of the modules already imported (an optimizer of a library's class
+# means that library is imported; nothing is imported here for the check).
+_ADAM_CLASSES = (("torch.optim", "AdamW"), ("torch.optim", "Adam"), ("composer.optim", "DecoupledAdamW"))
+_ADAFACTOR_CLASSES = (
+    ("torch.optim", "Adafactor"),
+    ("timm.optim", "Adafactor"),
+    ("transformers.optimization", "Adafactor"),
+)
+_DECOUPLED_ADAMW = (("composer.optim", "DecoupledAdamW"),)
 # torch implementation switches: meaningless for COAP, dropped from the groups
 _IMPL_KEYS = ("foreach", "fused", "capturable", "differentiable", "decoupled_weight_decay")
 
 
+def _loaded_classes(specs: tuple[tuple[str, str], ...]) -> tuple[type, ...]:
+    found = (getattr(sys.modules.get(module), name, None) for module, name in specs)
+    return tuple(c for c in found if isinstance(c, type))
+
+
 def _family(optimizer: torch.optim.Optimizer) -> str | None:
-    names = [c.__name__ for c in type(optimizer).__mro__]
     if isinstance(optimizer, CoapOptimizer):
         return None
-    if any(n in _ADAM_NAMES for n in names):
+    if isinstance(optimizer, _loaded_classes(_ADAM_CLASSES)):
         return "adamw"
-    if any(n in _ADAFACTOR_NAMES for n in names):
+    if isinstance(optimizer, _loaded_classes(_ADAFACTOR_CLASSES)):
         return "adafactor"
     return None
 
@@ -136,7 +149,7 @@ def translate_optimizer(
     for group in optimizer.param_groups:
         group = {k: v for k, v in group.items() if k != "param_names"}
         if family == target == "adamw":
-            group = _adam_group(group, "DecoupledAdamW" in [c.__name__ for c in type(optimizer).__mro__], name)
+            group = _adam_group(group, isinstance(optimizer, _loaded_classes(_DECOUPLED_ADAMW)), name)
         elif family == target == "adafactor":
             group = _adafactor_group(group, isinstance(optimizer, getattr(torch.optim, "Adafactor", ())))
         else:

@@ -28,6 +28,7 @@ from ..translate import (
 try:
     from composer.core import Algorithm, Event, State
     from composer.loggers import Logger
+    from composer.optim import DecoupledSGDW
 except ImportError as e:  # pragma: no cover - exercised only without composer
     raise ImportError(
         "coap_plugins.algorithms.composer needs MosaicML Composer: pip install 'coap-plugins[composer]'"
@@ -42,7 +43,7 @@ _FRESH_CHOICES = ("error", "fresh")
 
 def _is_composer_default_sgd(optimizer: torch.optim.Optimizer, model: nn.Module) -> bool:
     """Composer's stand-in for ``optimizers=None``: ``DecoupledSGDW(model.parameters(), lr=0.1)``."""
-    if type(optimizer).__name__ != "DecoupledSGDW" or len(optimizer.param_groups) != 1:
+    if not isinstance(optimizer, DecoupledSGDW) or len(optimizer.param_groups) != 1:
         return False
     g = optimizer.param_groups[0]
     defaults = dict(lr=0.1, momentum=0, dampening=0, weight_decay=0, nesterov=False)
