@@ -16,6 +16,7 @@ __all__ = [
     "check_rank",
     "check_ratio",
     "conv_ratio_alias",
+    "is_finite_number",
 ]
 
 
@@ -31,6 +32,11 @@ class SettingError(ValueError):
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_finite_number(value: Any) -> bool:
+    """A real number (not a bool, not a tensor) that is finite."""
+    return _is_number(value) and math.isfinite(value)
 
 
 def check_lr(lr: Any) -> None:
@@ -52,8 +58,8 @@ def check_lr(lr: Any) -> None:
 
 def check_nonnegative(label: str, value: Any) -> None:
     """A finite number >= 0 (``label`` as torch words it, e.g. ``"weight_decay value"``)."""
-    if not (_is_number(value) and math.isfinite(value) and value >= 0.0):
-        raise ValueError(f"Invalid {label}: {value!r} (must be a finite number >= 0)")
+    if not (is_finite_number(value) and value >= 0.0):
+        raise SettingError(label, f"{value!r} (must be a finite number >= 0)")
 
 
 def conv_ratio_alias(rank_ratio_conv: Any, rank_ratio_cnn: Any) -> Any:

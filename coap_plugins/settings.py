@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 import re
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._checks import SettingError, check_min_numel, check_positive_int, check_rank, check_ratio
+from ._checks import (
+    SettingError,
+    check_min_numel,
+    check_nonnegative,
+    check_positive_int,
+    check_rank,
+    check_ratio,
+    is_finite_number,
+)
 from .optim import OPTIMIZERS, CoapOptimizer, get_optimizer_class
 from .policy import CoapPolicy
 from .projection import DEFAULT_MIN_CONV_NUMEL
@@ -44,11 +51,6 @@ def parse_interval(name: str, value: Any) -> int:
             )
         value = int(m.group(1))
     return check_positive_int(name, value)
-
-
-def _is_finite_number(value: Any, low: float) -> bool:
-    """A real number (not a bool, not a tensor), finite and >= ``low``."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= low
 
 
 @dataclass
@@ -126,13 +128,12 @@ class CoapSettings:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise SettingError("seed", f"{self.seed!r} (must be an integer)")
         for key in ("lr", "eps", "weight_decay"):
-            if not _is_finite_number(getattr(self, key), low=0.0):
-                raise SettingError(key, f"{getattr(self, key)!r} (must be a finite number >= 0)")
+            check_nonnegative(key, getattr(self, key))
         betas = self.betas
         if not (
             isinstance(betas, (tuple, list))
             and len(betas) == 2
-            and all(_is_finite_number(b, low=0.0) and b < 1 for b in betas)
+            and all(is_finite_number(b) and 0 <= b < 1 for b in betas)
         ):
             raise SettingError("betas", f"{betas!r} (must be a pair of finite numbers in [0, 1))")
         self.betas = (betas[0], betas[1])

@@ -116,7 +116,7 @@ def _adafactor_group(group: dict[str, Any], source_is_torch: bool) -> dict[str, 
 
 
 def translate_optimizer(
-    optimizer: torch.optim.Optimizer, model: nn.Module, settings: CoapSettings, *, adapter: str = "CoapAlgorithm"
+    optimizer: torch.optim.Optimizer, model: nn.Module, settings: CoapSettings, *, adapter: str = "translate_optimizer"
 ) -> CoapOptimizer:
     """The COAP counterpart of ``optimizer``, its param groups kept one-to-one.
 
@@ -127,7 +127,8 @@ def translate_optimizer(
     projector kind of each parameter comes from ``settings.policy``.  Any other optimizer is
     refused unless ``settings.optimizer`` names a COAP optimizer, in which case the groups keep
     lr, weight decay and their extra keys and everything else takes the COAP defaults.
-    ``adapter`` is the name the refusal message gives the caller (``"CoapCallback"`` in Lightning).
+    ``adapter`` is the name the refusal message gives the caller (``"CoapAlgorithm"``,
+    ``"CoapCallback"``).
     """
     if isinstance(optimizer, CoapOptimizer):
         raise ValueError(

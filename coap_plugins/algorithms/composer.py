@@ -87,7 +87,7 @@ def apply_coap(
         return build_optimizer(model, cfg)
     single = isinstance(optimizers, torch.optim.Optimizer)
     olds = [optimizers] if single else list(optimizers)
-    news = [translate_optimizer(o, model, cfg) for o in olds]
+    news = [translate_optimizer(o, model, cfg, adapter="apply_coap") for o in olds]
     for sched in (
         [schedulers] if schedulers is not None and not isinstance(schedulers, (list, tuple)) else (schedulers or [])
     ):
@@ -294,7 +294,7 @@ class CoapAlgorithm(DrivenAdapter, Algorithm):
                 )
                 new = build_optimizer(model, self.settings)
             else:
-                new = translate_optimizer(old, model, self.settings)
+                new = translate_optimizer(old, model, self.settings, adapter="CoapAlgorithm")
             self._replaced.append((old, new))
             new_opts.append(new)
         if not new_opts:
