@@ -53,7 +53,9 @@ def run(cfg: TrainConfig, *, stop_after_batches: int | None = None) -> dict[str,
 
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    data = prepare_data(cfg.data, cfg.seed)
+    # Lightning accumulates over loader batches: its loader yields each step's batch in micro-batches;
+    # Composer splits the whole batch itself (device_train_microbatch_size)
+    data = prepare_data(cfg.data, cfg.seed, micro_batches=cfg.accumulate if cfg.trainer == "lightning" else 1)
     _seed_everything(cfg.seed)  # the initial weights depend on the seed alone
     net = build_model(cfg, data.in_chans, data.num_classes)
     task = TaskModule(cfg, net, data.meta)

@@ -23,6 +23,7 @@ __all__ = [
     "build_optimizer",
     "coap_kwargs",
     "finish_run",
+    "logger_settings",
     "require",
     "total_steps",
 ]
@@ -106,6 +107,35 @@ def coap_kwargs(coap: CoapConfig) -> dict[str, Any]:
     kwargs["exclude"] = tuple(kwargs["exclude"])
     kwargs.pop("rank_ratio_cnn")  # an alias, resolved into rank_ratio_conv by load_config
     return kwargs
+
+
+def logger_settings(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
+    """The ``loggers`` the recipe turns on, each with its settings resolved (folders inside
+    ``output_dir``, MLflow's local file store and W&B's offline mode unless the environment
+    says otherwise), in one order for both runners."""
+    import os
+
+    root = Path(cfg.output_dir or ".")
+    out: dict[str, dict[str, Any]] = {}
+    given = cfg.loggers
+    if given.tensorboard is not None:
+        out["tensorboard"] = {"folder": str(root / given.tensorboard.folder)}
+    if given.csv is not None:
+        out["csv"] = {"folder": str(root / given.csv.folder)}
+    if given.mlflow is not None:
+        uri = given.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        out["mlflow"] = {
+            "experiment": given.mlflow.experiment or cfg.name,
+            "tracking_uri": uri or (root / "mlruns").resolve().as_uri(),
+        }
+    if given.wandb is not None:
+        out["wandb"] = {
+            "project": given.wandb.project or "coap-plugins",
+            "entity": given.wandb.entity,
+            "mode": given.wandb.mode or os.environ.get("WANDB_MODE") or "offline",
+            "folder": str(root),
+        }
+    return out
 
 
 def count_params(model: nn.Module) -> int:

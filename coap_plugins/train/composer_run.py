@@ -21,6 +21,7 @@ from .common import (
     build_optimizer,
     coap_kwargs,
     finish_run,
+    logger_settings,
     lr_scheduler,
     total_steps,
 )
@@ -31,8 +32,9 @@ from .tasks import TaskModule, eval_metrics
 
 try:
     from composer import Evaluator, Trainer
+    from composer.algorithms import EMA, GradientClipping
     from composer.core import Callback, DataSpec, State
-    from composer.loggers import Logger
+    from composer.loggers import Logger, LoggerDestination
     from composer.models import ComposerModel
     from composer.utils import dist
 
@@ -86,6 +88,8 @@ class RunRecorder(Callback):
         self.stop_on_nonfinite = stop_on_nonfinite
         self._eval_start = 0.0
         self.first_step: int | None = None
+        self._loss: torch.Tensor | None = None  # sum over this batch's micro-batches of loss x samples
+        self._samples = 0
 
     def fit_start(self, state: State, logger: Logger) -> None:
         self.loader.set_epoch(int(state.timestamp.epoch))
@@ -98,12 +102,22 @@ class RunRecorder(Callback):
         if self.stop_after is not None and int(state.timestamp.batch) >= self.stop_after:
             raise RunInterrupted(f"stopped after {self.stop_after} batches (stop_after_batches)")
 
+    def after_loss(self, state: State, logger: Logger) -> None:
+        # once per micro-batch: this rank's loss of the whole batch is their sample-weighted mean
+        n = len(state.batch[0])
+        loss = state.loss.detach().float().mean() * n if torch.is_tensor(state.loss) else torch.tensor(float("nan"))
+        self._loss = loss if self._loss is None else self._loss + loss
+        self._samples += n
+
     def batch_end(self, state: State, logger: Logger) -> None:
-        loss = state.loss.detach().float().mean().item() if torch.is_tensor(state.loss) else float("nan")
+        loss = float("nan") if self._loss is None else self._loss.item() / self._samples
+        self._loss, self._samples = None, 0
         lr = state.optimizers[0].param_groups[0]["lr"]
         # at BATCH_END the timestamp already counts this batch
         step = int(state.timestamp.batch)
         self.log.train_row(step, int(state.timestamp.epoch), loss, lr)
+        if step % self.log.cfg.log_interval == 0:
+            logger.log_metrics({"train/loss": loss, "train/lr": lr}, step=step)
         # raised before this batch's checkpoint (BATCH_CHECKPOINT comes after BATCH_END)
         if self.stop_on_nonfinite and self._any_rank(not math.isfinite(loss), state):
             raise TrainingDiverged(step, loss)
@@ -124,6 +138,124 @@ class RunRecorder(Callback):
         metrics = {name: m.compute() for name, m in state.eval_metrics["eval"].items()}
         step = int(state.timestamp.batch)
         self.log.eval_row(step, step // len(self.loader), metrics, time.perf_counter() - self._eval_start)
+        logger.log_metrics({f"eval/{name}": float(v) for name, v in metrics.items()}, step=step)
+
+
+class CsvLogger(LoggerDestination):
+    """``folder/metrics.csv`` in the layout of Lightning's ``CSVLogger`` (a ``step`` column and one
+    column per metric, sorted; a row per logged step): Composer ships no CSV logger.
+
+    Rank 0 writes; a resumed run keeps the rows up to the step it resumed from.
+    """
+
+    def __init__(self, folder: str, flush_interval: int = 50) -> None:
+        super().__init__()
+        self.path = Path(folder) / "metrics.csv"
+        self.flush_interval = flush_interval
+        self.rows: list[dict[str, Any]] = []
+        self._unsaved = 0
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        if dist.get_global_rank() != 0:
+            return
+        import csv
+
+        start = int(state.timestamp.batch)
+        if start and self.path.is_file():
+            with self.path.open(newline="") as f:
+                self.rows = [
+                    {k: v for k, v in row.items() if v != ""} for row in csv.DictReader(f) if int(row["step"]) <= start
+                ]
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        if dist.get_global_rank() != 0:
+            return
+        row = {k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}
+        row["step"] = len(self.rows) if step is None else step
+        self.rows.append(row)
+        self._unsaved += 1
+        if self._unsaved >= self.flush_interval:
+            self.save()
+
+    def save(self) -> None:
+        import csv
+
+        if dist.get_global_rank() != 0 or not self.rows:
+            return
+        keys = sorted(set().union(*self.rows))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        self._unsaved = 0
+
+    def epoch_end(self, state: State, logger: Logger) -> None:
+        self.save()
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        self.save()
+
+    def close(self, state: State, logger: Logger) -> None:
+        self.save()
+
+
+def _loggers(cfg: TrainConfig) -> list[LoggerDestination]:
+    """The recipe's ``loggers`` as Composer logger destinations."""
+    out: list[LoggerDestination] = []
+    for name, kw in logger_settings(cfg).items():
+        if name == "tensorboard":
+            from composer.loggers import TensorboardLogger
+
+            out.append(TensorboardLogger(log_dir=kw["folder"], flush_interval=cfg.log_interval))
+        elif name == "csv":
+            out.append(CsvLogger(kw["folder"]))
+        elif name == "mlflow":
+            from composer.loggers import MLFlowLogger
+
+            out.append(
+                MLFlowLogger(experiment_name=kw["experiment"], run_name=cfg.name, tracking_uri=kw["tracking_uri"])
+            )
+        elif name == "wandb":
+            from composer.loggers import WandBLogger
+
+            out.append(
+                WandBLogger(
+                    project=kw["project"],
+                    entity=kw["entity"],
+                    name=cfg.name,
+                    init_kwargs={"mode": kw["mode"], "dir": kw["folder"]},
+                )
+            )
+    return out
+
+
+def _algorithms(cfg: TrainConfig) -> list[Any]:
+    """COAP, gradient clipping and the weight average, as Composer algorithms.
+
+    Clipping runs at ``AFTER_TRAIN_BATCH`` on the unscaled gradient (Composer unscales before that
+    event); COAP's refresh is only requested there and runs inside the optimizer step, on the
+    clipped gradient.  The average starts with the weights after step ``update_interval`` (as
+    :class:`~coap_plugins.train.lightning_run.EmaCallback` does) and is updated every
+    ``update_interval``-th step after.
+    """
+    algorithms: list[Any] = [CoapAlgorithm(**coap_kwargs(cfg.coap))] if cfg.coap is not None else []
+    if cfg.clip_grad_norm is not None:
+        algorithms.append(GradientClipping(clipping_type="norm", clipping_threshold=cfg.clip_grad_norm))
+    if cfg.ema is not None:
+        every = f"{cfg.ema.update_interval}ba"
+        algorithms.append(EMA(half_life=None, smoothing=cfg.ema.decay, ema_start=every, update_interval=every))
+    return algorithms
+
+
+def _use_average_weights(state: State) -> None:
+    """After training: the model holds the average (as Lightning's weight averaging leaves it)."""
+    for algorithm in state.algorithms:
+        if isinstance(algorithm, EMA) and algorithm.ema_started:
+            if algorithm.ema_weights_active:  # swapped in for the last checkpoint: swap back first
+                algorithm.ema_model.swap_params(model=state.model)
+                algorithm.ema_weights_active = False
+            algorithm.get_ema_model(state.model)
 
 
 def run_composer(
@@ -159,8 +291,11 @@ def run_composer(
         optimizers=optimizer,
         schedulers=scheduler,
         step_schedulers_every_batch=True,
-        algorithms=[CoapAlgorithm(**coap_kwargs(cfg.coap))] if cfg.coap is not None else [],
+        algorithms=_algorithms(cfg),
         callbacks=[recorder],
+        loggers=_loggers(cfg),
+        device_train_microbatch_size=cfg.data.batch_size // cfg.accumulate if cfg.accumulate > 1 else None,
+        compile_config=dict(cfg.compile_options) if cfg.compile else None,
         precision=_PRECISION[cfg.precision],
         device=accelerator,
         seed=cfg.seed,
@@ -185,6 +320,7 @@ def run_composer(
         diverged = exc  # the run folder is written below, then the error goes on
         log.stopped_diverged(exc.step, exc.loss)
     state = trainer.state
+    _use_average_weights(state)
     try:
         return finish_run(
             cfg,

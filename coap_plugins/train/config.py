@@ -19,7 +19,8 @@ import difflib
 import math
 import os
 import re
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -29,12 +30,19 @@ __all__ = [
     "CheckpointConfig",
     "CoapConfig",
     "ConfigError",
+    "CsvLoggerConfig",
     "DataConfig",
+    "EmaConfig",
+    "LoggersConfig",
+    "MlflowLoggerConfig",
     "ModelConfig",
     "OptimizerConfig",
+    "RendezvousConfig",
     "ScheduleConfig",
     "TaskConfig",
+    "TensorboardLoggerConfig",
     "TrainConfig",
+    "WandbLoggerConfig",
     "duration_parts",
     "load_config",
     "to_yaml",
@@ -181,12 +189,104 @@ class CheckpointConfig:
 
 
 @dataclass
+class EmaConfig:
+    """``ema``: an exponential moving average of the weights, kept by Composer's ``EMA`` algorithm
+    or Lightning's ``EMAWeightAveraging`` callback.
+
+    After every ``update_interval``-th optimizer step ``ema = decay * ema + (1 - decay) * weights``
+    (the first update copies the weights), parameters and buffers alike.  Evaluation, the DDPM
+    samples and the final checkpoint's model weights are the averaged ones; the training weights
+    and the average both resume exactly from a checkpoint.
+    """
+
+    decay: float = 0.9999
+    update_interval: int = 1
+
+
+@dataclass
+class TensorboardLoggerConfig:
+    """``loggers.tensorboard``: event files in ``folder`` (inside ``output_dir`` when relative)."""
+
+    folder: str = "tensorboard"
+
+
+@dataclass
+class CsvLoggerConfig:
+    """``loggers.csv``: ``folder/metrics.csv`` (inside ``output_dir`` when relative), one row per
+    logged step, a ``step`` column and one column per metric."""
+
+    folder: str = "csv"
+
+
+@dataclass
+class MlflowLoggerConfig:
+    """``loggers.mlflow``: an MLflow run in ``experiment`` (null: the recipe's ``name``);
+    ``tracking_uri`` null: ``$MLFLOW_TRACKING_URI``, else a local file store
+    ``output_dir/mlruns`` (no server)."""
+
+    experiment: Optional[str] = None
+    tracking_uri: Optional[str] = None
+
+
+@dataclass
+class WandbLoggerConfig:
+    """``loggers.wandb``: a Weights & Biases run in ``project`` (null: ``coap-plugins``);
+    ``mode`` null: ``$WANDB_MODE``, else ``offline`` (files in ``output_dir/wandb``, nothing sent:
+    ``wandb sync`` uploads them later)."""
+
+    project: Optional[str] = None
+    entity: Optional[str] = None
+    mode: Optional[str] = None
+
+
+@dataclass
+class LoggersConfig:
+    """``loggers``: the experiment loggers of the chosen trainer, each null (off) or a mapping of its
+    settings (``{}``: the defaults).  ``coap/*`` metrics, the training loss and learning rate
+    (``train/loss``, ``train/lr`` every ``log_interval`` steps) and the eval metrics
+    (``eval/<metric>``) reach every logger; ``metrics.jsonl`` and ``report.md`` are written as
+    always.  Built from Composer's ``TensorboardLogger`` / ``MLFlowLogger`` / ``WandBLogger`` and
+    Lightning's ``TensorBoardLogger`` / ``CSVLogger`` / ``MLFlowLogger`` / ``WandbLogger``
+    (Composer has no CSV logger: its ``csv`` is a Composer ``LoggerDestination`` writing the
+    layout of Lightning's).  ``tensorboard`` needs the ``tensorboard`` package, ``mlflow`` and
+    ``wandb`` theirs."""
+
+    tensorboard: Optional[TensorboardLoggerConfig] = None
+    csv: Optional[CsvLoggerConfig] = None
+    mlflow: Optional[MlflowLoggerConfig] = None
+    wandb: Optional[WandbLoggerConfig] = None
+
+
+@dataclass
+class RendezvousConfig:
+    """``rendezvous``: where the nodes of a multi-node run meet (``num_nodes`` > 1), each null to
+    take the launcher's environment variable (``NODE_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``),
+    then the defaults 0, ``127.0.0.1`` and 29500.  Run ``coap-train`` once on every node with its
+    own ``rendezvous.node_rank``; node 0's address is ``master_addr``."""
+
+    node_rank: Optional[int] = None
+    master_addr: Optional[str] = None
+    master_port: Optional[int] = None
+
+
+@dataclass
 class TrainConfig:
     """A whole ``coap-train`` recipe.
 
     ``stop_on_nonfinite`` (default true): stop at the first step whose training loss is NaN or
     infinite, with an error naming the step and a non-zero exit; the run folder still gets its
     metrics, summary and a report saying the run diverged.  False trains on and only reports it.
+
+    ``accumulate``: micro-batches per optimizer step (Composer's micro-batching, Lightning's
+    ``accumulate_grad_batches``); ``data.batch_size`` stays the samples of one optimizer step
+    (per device) and must be a multiple of it; one COAP step (and refresh) per optimizer step.
+    ``clip_grad_norm``: clip the global gradient norm to this value before every optimizer step
+    (Composer's ``GradientClipping``, Lightning's ``gradient_clip_val``), on the unscaled gradient.
+    ``compile``: ``torch.compile`` the model's forward through the trainer's own switch
+    (Composer's ``compile_config``, a compiled ``LightningModule`` for Lightning) with
+    ``compile_options`` (``torch.compile`` keywords: ``backend``, ``mode``, ``dynamic``,
+    ``fullgraph``, ``options``).  ``num_nodes`` x ``devices`` processes train under DDP; see
+    :class:`RendezvousConfig`.
     """
 
     trainer: str = "composer"
@@ -203,7 +303,15 @@ class TrainConfig:
     seed: int = 0
     precision: str = "fp32"
     devices: int = 1
+    num_nodes: int = 1
+    rendezvous: RendezvousConfig = field(default_factory=RendezvousConfig)
     accelerator: str = "auto"
+    accumulate: int = 1
+    clip_grad_norm: Optional[float] = None
+    ema: Optional[EmaConfig] = None
+    compile: bool = False
+    compile_options: dict[str, Any] = field(default_factory=dict)
+    loggers: LoggersConfig = field(default_factory=LoggersConfig)
     threads: Optional[int] = None
     progress_bar: bool = True
     stop_on_nonfinite: bool = True
@@ -240,13 +348,10 @@ def duration_parts(key: str, value: Any) -> tuple[int, str]:
 
 def _section_type(cls: type, name: str) -> type | None:
     """The dataclass of field ``name`` of ``cls`` (unwrapping Optional), or None for a leaf."""
-    hints = {f.name: f for f in fields(cls)}
-    f = hints[name]
-    default = f.default_factory() if f.default_factory is not MISSING else f.default  # type: ignore[misc]
-    if is_dataclass(default):
-        return type(default)
-    if name == "coap" and cls is TrainConfig:
-        return CoapConfig
+    hint = typing.get_type_hints(cls)[name]
+    for candidate in (hint, *typing.get_args(hint)):  # Optional[X] is Union[X, None]
+        if isinstance(candidate, type) and is_dataclass(candidate):
+            return candidate
     return None
 
 
@@ -322,6 +427,8 @@ def _validate(cfg: TrainConfig) -> None:
         "model.num_heads",
         "data.train_samples",
         "threads",
+        "num_nodes",
+        "accumulate",
     ):
         _positive(cfg, key)
     for key in (
@@ -387,6 +494,68 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError("Invalid optimizer.name: 'sgd' with a coap section (COAP replaces adamw, adam or adafactor)")
     if cfg.coap is not None:
         _validate_coap(cfg.coap)
+    _validate_training_knobs(cfg)
+
+
+_COMPILE_KEYS = ("backend", "mode", "dynamic", "fullgraph", "options")
+_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_WANDB_MODES = ("online", "offline", "disabled")
+# the package each logger needs, and its pip name
+_LOGGER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+
+
+def _validate_training_knobs(cfg: TrainConfig) -> None:
+    """``accumulate``, ``clip_grad_norm``, ``ema``, ``compile``, multi-node and ``loggers``."""
+    import importlib.util
+
+    if cfg.data.batch_size % cfg.accumulate:
+        raise ConfigError(
+            f"Invalid accumulate: {cfg.accumulate} (data.batch_size {cfg.data.batch_size} is the batch of one "
+            "optimizer step and must be a multiple of it)"
+        )
+    if cfg.clip_grad_norm is not None and not cfg.clip_grad_norm > 0:
+        raise ConfigError(f"Invalid clip_grad_norm: {cfg.clip_grad_norm!r} (must be > 0, or null for no clipping)")
+    if cfg.ema is not None:
+        if not 0 < cfg.ema.decay < 1:
+            raise ConfigError(f"Invalid ema.decay: {cfg.ema.decay!r} (must be in (0, 1))")
+        _positive(cfg, "ema.update_interval")
+    unknown = sorted(set(cfg.compile_options) - set(_COMPILE_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"Invalid compile_options: unknown key {unknown[0]!r} (torch.compile takes {', '.join(_COMPILE_KEYS)})"
+        )
+    if cfg.compile_options and not cfg.compile:
+        raise ConfigError(
+            f"Invalid compile_options: {dict(cfg.compile_options)!r} with compile: false (set compile=true to use them)"
+        )
+    mode = cfg.compile_options.get("mode")
+    if mode is not None and mode not in _COMPILE_MODES:
+        raise ConfigError(f"Invalid compile_options.mode: {mode!r} (expected one of {', '.join(_COMPILE_MODES)})")
+    backend = cfg.compile_options.get("backend")
+    if cfg.compile and backend is not None:
+        import torch._dynamo
+
+        known = torch._dynamo.list_backends(exclude_tags=())
+        if backend not in known:
+            raise ConfigError(f"Invalid compile_options.backend: {backend!r} (expected one of {', '.join(known)})")
+    r = cfg.rendezvous
+    if r.node_rank is not None and not 0 <= r.node_rank < cfg.num_nodes:
+        raise ConfigError(
+            f"Invalid rendezvous.node_rank: {r.node_rank!r} (must be in [0, {cfg.num_nodes - 1}] for num_nodes "
+            f"{cfg.num_nodes})"
+        )
+    if r.master_port is not None and not 1 <= r.master_port <= 65535:
+        raise ConfigError(f"Invalid rendezvous.master_port: {r.master_port!r} (must be in [1, 65535])")
+    if r.master_addr is not None and not r.master_addr.strip():
+        raise ConfigError("Invalid rendezvous.master_addr: '' (a host name or address of node 0)")
+    if cfg.loggers.wandb is not None and cfg.loggers.wandb.mode not in (None, *_WANDB_MODES):
+        raise ConfigError(
+            f"Invalid loggers.wandb.mode: {cfg.loggers.wandb.mode!r} (expected one of {', '.join(_WANDB_MODES)}, "
+            "or null for $WANDB_MODE, else offline)"
+        )
+    for name, package in _LOGGER_PACKAGES.items():
+        if getattr(cfg.loggers, name) is not None and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"Invalid loggers.{name}: the {package} package is not installed (pip install {package})")
 
 
 def _validate_coap(coap: CoapConfig) -> None:

@@ -22,6 +22,7 @@ from .common import (
     build_optimizer,
     coap_kwargs,
     finish_run,
+    logger_settings,
     lr_scheduler,
     total_steps,
 )
@@ -32,7 +33,7 @@ from .tasks import TaskModule, eval_metrics
 
 try:
     import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 
     from ..algorithms.lightning import CoapCallback
 except ImportError as e:  # pragma: no cover - exercised only without lightning
@@ -53,8 +54,12 @@ class CoapTaskModule(pl.LightningModule):
         self.log_run: RunLog | None = None
         self._eval_start = 0.0
 
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.task(batch)
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self.task.loss(self.task(batch), batch)
+        # through forward (self(batch)), the part `compile: true` compiles on both trainers
+        return self.task.loss(self(batch), batch)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         for name, values in self.task.eval_values(batch).items():
@@ -69,11 +74,14 @@ class CoapTaskModule(pl.LightningModule):
             m.reset()
         if self.log_run is not None and not self.trainer.sanity_checking:
             step = self.global_step
-            self.log_run.eval_row(step, step // len(self.bundle.train), values, time.perf_counter() - self._eval_start)
+            epoch = step // (len(self.bundle.train) // self.cfg.accumulate)
+            self.log_run.eval_row(step, epoch, values, time.perf_counter() - self._eval_start)
+            for logger in self.trainer.loggers:
+                logger.log_metrics({f"eval/{name}": float(v) for name, v in values.items()}, step=step)
 
     def configure_optimizers(self) -> Any:
         optimizer = build_optimizer(self.cfg, self.task.net)
-        steps = total_steps(self.cfg, len(self.bundle.train))
+        steps = total_steps(self.cfg, len(self.bundle.train) // self.cfg.accumulate)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": lr_scheduler(self.cfg, optimizer, steps), "interval": "step"},
@@ -97,6 +105,8 @@ class RunRecorder(pl.Callback):
         self._epoch = 0
         self._restored = False
         self.first_step: int | None = None
+        self._step_loss = 0.0  # the losses of the step's micro-batches so far, each already divided by accumulate
+        self._last_step = 0
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self._epoch, "batches_in_epoch": self.batches_in_epoch}
@@ -115,7 +125,7 @@ class RunRecorder(pl.Callback):
             pl_module.log_run = self.run_log
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.first_step = trainer.global_step
+        self.first_step = self._last_step = trainer.global_step
         if not self._restored:
             self._epoch = trainer.current_epoch
             self.loader.set_epoch(self._epoch)
@@ -140,10 +150,18 @@ class RunRecorder(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self.batches_in_epoch += 1
-        loss = outputs["loss"].detach().float().item() if isinstance(outputs, dict) else float(outputs)
+        # Lightning hands over each micro-batch's loss divided by accumulate_grad_batches: their sum
+        # is the loss of the optimizer step, as Composer reports it
+        self._step_loss += outputs["loss"].detach().float().item() if isinstance(outputs, dict) else float(outputs)
+        if trainer.global_step == self._last_step:
+            return  # gradients accumulate: no optimizer step yet
+        loss, self._step_loss, self._last_step = self._step_loss, 0.0, trainer.global_step
         lr = trainer.optimizers[0].param_groups[0]["lr"]
         assert self.run_log is not None
         self.run_log.train_row(trainer.global_step, trainer.current_epoch, loss, lr)
+        if trainer.global_step % self.cfg.log_interval == 0:
+            for logger in trainer.loggers:
+                logger.log_metrics({"train/loss": loss, "train/lr": lr}, step=trainer.global_step)
         # raised before ModelCheckpoint (always the last callback) saves this step; every rank
         # decides together, as EarlyStopping(check_finite=True) does
         if self.cfg.stop_on_nonfinite and trainer.strategy.reduce_boolean_decision(not math.isfinite(loss), all=False):
@@ -154,10 +172,55 @@ def _interval_kwargs(cfg: TrainConfig) -> dict[str, Any]:
     n, unit = duration_parts("max_duration", cfg.max_duration)
     kwargs: dict[str, Any] = {"max_steps": n, "max_epochs": -1} if unit == "ba" else {"max_epochs": n}
     n, unit = duration_parts("eval_interval", cfg.eval_interval)
+    # val_check_interval counts loader batches: micro-batches when gradients accumulate
     kwargs.update(
-        {"check_val_every_n_epoch": n} if unit == "ep" else {"val_check_interval": n, "check_val_every_n_epoch": None}
+        {"check_val_every_n_epoch": n}
+        if unit == "ep"
+        else {"val_check_interval": n * cfg.accumulate, "check_val_every_n_epoch": None}
     )
     return kwargs
+
+
+class EmaCallback(EMAWeightAveraging):
+    """Lightning's EMA of the weights, updated after every ``update_interval``-th optimizer step
+    (steps ``k, 2k, ...``; the first update copies the weights), as Composer's ``EMA`` with
+    ``ema_start = update_interval = k`` batches does."""
+
+    def __init__(self, decay: float, update_interval: int) -> None:
+        super().__init__(decay=decay, update_every_n_steps=update_interval)
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        return step_idx is not None and (step_idx + 1) % self.update_every_n_steps == 0
+
+
+def _loggers(cfg: TrainConfig) -> list[Any]:
+    """The recipe's ``loggers`` as Lightning loggers (Lightning's own version folders)."""
+    from lightning.pytorch import loggers
+
+    out: list[Any] = []
+    for name, kw in logger_settings(cfg).items():
+        if name == "tensorboard":
+            out.append(loggers.TensorBoardLogger(save_dir=kw["folder"], name=cfg.name, default_hp_metric=False))
+        elif name == "csv":
+            out.append(loggers.CSVLogger(save_dir=kw["folder"], name=cfg.name, flush_logs_every_n_steps=50))
+        elif name == "mlflow":
+            out.append(
+                loggers.MLFlowLogger(
+                    experiment_name=kw["experiment"], run_name=cfg.name, tracking_uri=kw["tracking_uri"]
+                )
+            )
+        elif name == "wandb":
+            out.append(
+                loggers.WandbLogger(
+                    project=kw["project"],
+                    entity=kw["entity"],
+                    name=cfg.name,
+                    save_dir=kw["folder"],
+                    offline=kw["mode"] == "offline",
+                    mode=kw["mode"],
+                )
+            )
+    return out
 
 
 def _checkpoint_callback(cfg: TrainConfig, folder: Path) -> ModelCheckpoint:
@@ -198,16 +261,24 @@ def run_lightning(
     callbacks: list[Any] = [recorder, _checkpoint_callback(cfg, folder)]
     if cfg.coap is not None:
         callbacks.insert(0, CoapCallback(**coap_kwargs(cfg.coap)))
+    if cfg.ema is not None:
+        callbacks.insert(-1, EmaCallback(cfg.ema.decay, cfg.ema.update_interval))
     accelerator = {"auto": "auto", "cpu": "cpu", "gpu": "gpu"}[cfg.accelerator]
+    loggers = _loggers(cfg)
     trainer = pl.Trainer(
         accelerator=accelerator,
         devices=cfg.devices,
-        strategy="ddp" if cfg.devices > 1 else "auto",
+        num_nodes=cfg.num_nodes,
+        strategy="ddp" if cfg.devices * cfg.num_nodes > 1 else "auto",
         precision=_PRECISION[cfg.precision],
         callbacks=callbacks,
-        logger=False,
+        logger=loggers or False,
+        accumulate_grad_batches=cfg.accumulate,
+        gradient_clip_val=cfg.clip_grad_norm,
+        gradient_clip_algorithm="norm" if cfg.clip_grad_norm is not None else None,
         enable_progress_bar=cfg.progress_bar,
         enable_model_summary=False,
+        log_every_n_steps=cfg.log_interval,
         num_sanity_val_steps=0,
         default_root_dir=cfg.output_dir,
         use_distributed_sampler=False,
@@ -217,8 +288,10 @@ def run_lightning(
     with warnings.catch_warnings():
         # the RunRecorder callback restores the loader's mid-epoch position; Lightning cannot see it
         warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended")
+        # a compiled LightningModule is Lightning's switch for torch.compile
+        fitted = torch.compile(module, **cfg.compile_options) if cfg.compile else module
         try:
-            trainer.fit(module, ckpt_path=str(start) if resume else None)
+            trainer.fit(fitted, ckpt_path=str(start) if resume else None)
         except TrainingDiverged as exc:
             diverged = exc  # the run folder is written below, then the error goes on
             recorder.run_log.stopped_diverged(exc.step, exc.loss)

@@ -110,6 +110,10 @@ class ShardLoader:
         num_workers: DataLoader workers (default 0).
         limit: keep only samples whose index is below this (default None: all).
         num_shards: shard files of the split; each reader (rank x worker) needs one.
+        micro_batches: yield each training batch as this many consecutive micro-batches of
+            ``batch_size / micro_batches`` samples (default 1): the same samples in the same
+            order, for a trainer that accumulates gradients over loader batches (Lightning's
+            ``accumulate_grad_batches``).
     """
 
     def __init__(
@@ -125,7 +129,13 @@ class ShardLoader:
         num_workers: int = 0,
         limit: int | None = None,
         num_shards: int = 1,
+        micro_batches: int = 1,
     ) -> None:
+        if batch_size % micro_batches:
+            raise ValueError(f"batch_size {batch_size} is not a multiple of micro_batches {micro_batches}")
+        self.micro_batches = micro_batches if train else 1
+        self.step_batch_size = batch_size
+        batch_size //= self.micro_batches
         self.source, self.split, self.batch_size = source, split, batch_size
         self.train, self.seed, self.shuffle_buffer = train, seed, shuffle_buffer
         self.num_workers, self.limit = num_workers, limit
@@ -150,8 +160,8 @@ class ShardLoader:
                 f"({world} rank(s) x {workers} worker(s)); write smaller shards "
                 "(coap-data --shard-size, or data.shard_size for digits) or lower data.num_workers"
             )
-        if self.train:
-            return math.ceil(self.num_samples / (world * self.batch_size))
+        if self.train:  # whole optimizer steps of step_batch_size samples, in micro-batches
+            return math.ceil(self.num_samples / (world * self.step_batch_size)) * self.micro_batches
         return math.ceil(math.ceil(self.num_samples / world) / self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
@@ -217,8 +227,11 @@ class DataBundle:
     size: tuple[int, int]
 
 
-def prepare_data(cfg: DataConfig, seed: int) -> DataBundle:
+def prepare_data(cfg: DataConfig, seed: int, *, micro_batches: int = 1) -> DataBundle:
     """Shards for ``cfg`` (written on first use for digits), checked, and their train and eval loaders.
+
+    ``micro_batches``: the training loader yields each batch as that many micro-batches (see
+    :class:`ShardLoader`).
 
     Raises:
         ValueError: a shard is unreadable or disagrees with ``meta.json`` (the message names it).
@@ -242,6 +255,7 @@ def prepare_data(cfg: DataConfig, seed: int) -> DataBundle:
         num_workers=cfg.num_workers,
         limit=cfg.train_samples,
         num_shards=len(shards["train"]),
+        micro_batches=micro_batches,
     )
     evaluation = ShardLoader(
         # evaluation reads every shard on every rank; more workers than shards would idle
