@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
+from coap_plugins.train.config import TrainConfig
+from coap_plugins.train.outputs import RunLog, peak_memory_bytes, peak_memory_kind, peak_memory_per_rank
 from coap_plugins.train.report import (
     Run,
     compare,
@@ -23,6 +30,8 @@ from coap_plugins.train.report import (
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 N_TRAIN, N_EVAL = 20, 3
+MiB = 2**20
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_run(
@@ -37,8 +46,14 @@ def make_run(
     wall: float = 12.34,
     sample_grid: str | None = None,
     metrics: bool = True,
+    peak_per_rank: list[int] | None = None,
+    peak_kind: str | None = None,
 ) -> Path:
-    """Write ``root/folder`` with summary.json and metrics.jsonl as coap-train would."""
+    """Write ``root/folder`` with summary.json and metrics.jsonl as coap-train would.
+
+    Without ``peak_per_rank`` / ``peak_kind`` the summary is one written before those keys
+    existed (``peak_memory_bytes`` alone, 200 MiB); with ``peak_per_rank`` the peak is its max.
+    """
     run = root / folder
     run.mkdir(parents=True)
     classification = task == "classification"
@@ -60,12 +75,16 @@ def make_run(
         "steps": steps,
         "samples_per_second": 123.456,
         "wall_seconds": wall,
-        "peak_memory_bytes": 200 * 2**20,
-        "world_size": 1,
+        "peak_memory_bytes": max(peak_per_rank) if peak_per_rank else 200 * MiB,
+        "world_size": len(peak_per_rank) if peak_per_rank else 1,
         "precision": "fp32",
         "sample_grid": sample_grid,
         "config": "config.yaml",
     }
+    if peak_per_rank is not None:
+        summary["peak_memory_per_rank"] = peak_per_rank
+    if peak_kind is not None:
+        summary["peak_memory_kind"] = peak_kind
     (run / "summary.json").write_text(json.dumps(summary, indent=2))
     if not metrics:
         return run
@@ -355,3 +374,200 @@ def test_main_mixed_tasks_returns_2(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main([*runs, "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("coap-report: error:") and "ddpm" in err and "classification" in err
+
+
+# ------------------------------------------------------------------ peak memory per rank
+
+_GATHER_WORKER = """
+import datetime, json, sys
+import torch
+import torch.distributed as dist
+from coap_plugins.train.outputs import peak_memory_bytes, peak_memory_per_rank
+
+rank, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+dist.init_process_group(
+    "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+    timeout=datetime.timedelta(seconds=60),
+)
+block = torch.ones((32 + 224 * rank) * 2**20 // 4)  # filled, so resident: rank 1 holds 224 MiB more
+cpu = torch.device("cpu")
+before = peak_memory_bytes(cpu)
+per_rank = peak_memory_per_rank(cpu)
+after = peak_memory_bytes(cpu)
+dist.barrier()
+dist.destroy_process_group()
+with open(out, "w") as f:
+    json.dump({"before": before, "per_rank": per_rank, "after": after}, f)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _finish(tmp_path: Path, **kwargs: Any) -> dict[str, Any]:
+    """``RunLog.finish`` on rank 0 of a run that took one AdamW step; returns summary.json."""
+    cfg = TrainConfig(name="peaks", output_dir=str(tmp_path / "run"))
+    log = RunLog(cfg)
+    net = torch.nn.Linear(8, 4)
+    opt = torch.optim.AdamW(net.parameters())
+    net(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    returned = log.finish(
+        optimizer=opt,
+        params=36,
+        steps=1,
+        steps_this_run=1,
+        samples_per_step=2,
+        world_size=len(kwargs.get("peak_per_rank") or [0]),
+        device=torch.device("cpu"),
+        **kwargs,
+    )
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert returned == summary
+    return summary
+
+
+@pytest.mark.slow
+def test_peak_memory_per_rank_gathers_every_rank_over_gloo(tmp_path: Path) -> None:
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    outs = [tmp_path / f"rank{r}.json" for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _GATHER_WORKER, str(r), str(port), str(outs[r])],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    try:
+        logs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-2000:] for log in logs)
+    results = [json.loads(out.read_text()) for out in outs]
+    per_rank = results[0]["per_rank"]
+    assert results[1]["per_rank"] == per_rank and len(per_rank) == 2  # every rank gets the same list
+    for rank, result in enumerate(results):  # entry r is rank r's own figure
+        assert result["before"] <= per_rank[rank] <= result["after"]
+    assert per_rank[1] - per_rank[0] > 150 * MiB  # rank 1 allocated 224 MiB more
+
+    summary = _finish(tmp_path, peak_per_rank=per_rank)
+    assert summary["peak_memory_per_rank"] == per_rank
+    assert summary["peak_memory_bytes"] == max(per_rank) == per_rank[1]
+    assert summary["peak_memory_kind"] == "cpu_peak_rss"
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert (
+        f"the largest of 2 ranks (rank 0: {format_bytes(per_rank[0])}, rank 1: {format_bytes(per_rank[1])})" in report
+    )
+
+
+def test_peak_memory_per_rank_single_process_is_own_figure(tmp_path: Path) -> None:
+    assert not torch.distributed.is_initialized()
+    cpu = torch.device("cpu")
+    before = peak_memory_bytes(cpu)
+    (own,) = peak_memory_per_rank(cpu)
+    assert before <= own <= peak_memory_bytes(cpu)
+    assert peak_memory_kind(cpu) == peak_memory_kind(None) == "cpu_peak_rss"
+    assert peak_memory_kind(torch.device("cuda", 0)) == "cuda_max_allocated"
+
+    summary = _finish(tmp_path)  # no peak_per_rank: this process's figure alone
+    (figure,) = summary["peak_memory_per_rank"]
+    assert own <= figure == summary["peak_memory_bytes"] <= peak_memory_bytes(cpu)
+    assert summary["peak_memory_kind"] == "cpu_peak_rss"
+    text = (tmp_path / "run" / "report.md").read_text()
+    assert f"- peak memory: {format_bytes(figure)}; kind: CPU peak RSS (" in text
+    assert "largest of" not in text
+
+
+def test_finish_refuses_a_bad_per_rank_list(tmp_path: Path) -> None:
+    for bad in ([], [1, -1], [1.5]):
+        with pytest.raises(ValueError, match="peak_per_rank"):
+            _finish(tmp_path, peak_per_rank=bad)
+
+
+@pytest.mark.parametrize(
+    ("backend", "device", "expected"),
+    [
+        ("gloo", torch.device("cuda", 1), torch.device("cpu")),
+        ("cpu:gloo,cuda:nccl", torch.device("cuda", 1), torch.device("cpu")),
+        ("nccl", torch.device("cuda", 1), torch.device("cuda", 1)),  # NCCL gathers CUDA tensors only
+    ],
+)
+def test_the_gather_tensor_lives_where_the_backend_needs_it(
+    monkeypatch: pytest.MonkeyPatch, backend: str, device: torch.device, expected: torch.device
+) -> None:
+    from coap_plugins.train import outputs
+
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda *args, **kwargs: backend)
+    assert outputs._gather_device(device) == expected
+
+
+def test_report_shows_peak_per_rank_and_kind_next_to_the_state(tmp_path: Path) -> None:
+    run = make_run(tmp_path, "ddp", peak_per_rank=[150 * MiB, 200 * MiB], peak_kind="cuda_max_allocated")
+    lines = write_report(run).read_text().splitlines()
+    state = lines.index("- optimizer state: 976.56 KiB (40.0 % of the full-rank equivalent, 2.38 MiB)")
+    assert lines[state + 1] == (
+        "- peak memory: 200.00 MiB, the largest of 2 ranks (rank 0: 150.00 MiB, rank 1: 200.00 MiB); "
+        "kind: CUDA max allocated (`torch.cuda.max_memory_allocated`: the most tensor memory the CUDA "
+        "allocator handed out)"
+    )
+    table = "\n".join(ln for ln in lines if ln.startswith("|"))
+    header, row = table_rows(table)
+    cells = dict(zip(header, row))
+    assert cells["peak memory (MiB)"] == "200.0 (ranks 150.0 / 200.0)"
+    assert cells["peak kind"] == "CUDA max allocated"
+
+
+def test_comparison_shows_per_rank_figures_and_kinds(tmp_path: Path) -> None:
+    runs = [
+        make_run(tmp_path, "one", peak_per_rank=[100 * MiB], peak_kind="cpu_peak_rss"),
+        make_run(tmp_path, "two", peak_per_rank=[150 * MiB, 200 * MiB], peak_kind="cuda_max_allocated"),
+        make_run(tmp_path, "eight", peak_per_rank=[(100 + i) * MiB for i in range(8)], peak_kind="cuda_max_allocated"),
+        make_run(tmp_path, "old"),  # written before the per-rank list and the kind existed
+    ]
+    md, _ = compare(runs, tmp_path / "out")
+    text = md.read_text()
+    table = "\n".join(ln for ln in text.splitlines() if ln.startswith("|"))
+    header, *rows = table_rows(table)
+    cells = {r[0]: dict(zip(header, r)) for r in rows}
+    assert cells["one"]["peak memory (MiB)"] == "100.0"
+    assert cells["two"]["peak memory (MiB)"] == "200.0 (ranks 150.0 / 200.0)"
+    assert cells["eight"]["peak memory (MiB)"] == "107.0 (8 ranks, 100.0-107.0)"
+    assert cells["old"]["peak memory (MiB)"] == "200.0"
+    kinds = [cells[n]["peak kind"] for n in ("one", "two", "eight", "old")]
+    assert kinds == ["CPU peak RSS", "CUDA max allocated", "CUDA max allocated", "n/a"]
+    assert "Peak memory is the largest rank's" in text
+    assert "CPU peak RSS is `getrusage` peak resident set" in text
+    assert "CUDA max allocated is `torch.cuda.max_memory_allocated`" in text
+    assert "Runs whose summary does not record the kind show n/a." in text
+
+
+def test_old_summaries_without_peak_keys_still_render(tmp_path: Path) -> None:
+    old = make_run(tmp_path, "old")  # peak_memory_bytes alone
+    text = write_report(old).read_text()
+    assert "- peak memory: 200.00 MiB; kind: n/a" in text
+    header, row = table_rows(summary_table([load_run(old)]))
+    assert dict(zip(header, row))["peak memory (MiB)"] == "200.0" and "peak kind" not in header
+
+    older = make_run(tmp_path, "older")  # not even peak_memory_bytes nor the state's full-rank figure
+    summary = json.loads((older / "summary.json").read_text())
+    del summary["peak_memory_bytes"], summary["full_rank_state_bytes"]
+    summary["peak_memory_per_rank"] = "garbage"  # malformed values count as missing
+    (older / "summary.json").write_text(json.dumps(summary))
+    lines = write_report(older).read_text().splitlines()
+    assert "- optimizer state: 976.56 KiB" in lines
+    assert "- peak memory: n/a; kind: n/a" in lines
+    header, row = table_rows(summary_table([load_run(older)]))
+    assert dict(zip(header, row))["peak memory (MiB)"] == "n/a"
+    md, _ = compare([old, older], tmp_path / "out")
+    assert "| n/a |" in md.read_text()

@@ -13,7 +13,7 @@ from torch import nn
 
 from .._extras import require
 from .config import CoapConfig, TrainConfig, duration_parts
-from .outputs import RunLog
+from .outputs import RunLog, peak_memory_per_rank
 from .tasks import TaskModule, build_param_groups
 
 __all__ = [
@@ -174,8 +174,10 @@ def finish_run(
     if task.task == "ddpm" and cfg.task.num_samples > 0 and rank == 0 and diverged is None:
         grid = "samples.png"
         task.sample_grid(str(Path(cfg.output_dir or ".") / grid), cfg.task.num_samples, cfg.seed)
+    peaks = peak_memory_per_rank(device)  # a collective: every rank, before rank 0 writes
     summary = log.finish(
         optimizer=optimizer,
+        peak_per_rank=peaks,
         params=count_params(task.net),
         steps=steps,
         steps_this_run=steps - (first_step or 0),

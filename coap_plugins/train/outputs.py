@@ -9,7 +9,15 @@
 - ``summary.json``: final metrics, optimizer-state bytes against the full-rank equivalent,
   throughput, wall time, peak memory, ``diverged`` (the first step whose training loss was not
   finite, or null) and ``waiting_layers`` (COAP-projected parameters that never received a
-  usable gradient, so hold no state yet) (read by :mod:`coap_plugins.train.report`);
+  usable gradient, so hold no state yet) (read by :mod:`coap_plugins.train.report`).  Peak
+  memory is three keys: ``peak_memory_per_rank``, every rank's peak in bytes in rank order
+  (gathered by :func:`peak_memory_per_rank`; one entry for a single process),
+  ``peak_memory_bytes``, the largest of them, and ``peak_memory_kind``, what the figures
+  measure: ``"cuda_max_allocated"`` (``torch.cuda.max_memory_allocated`` on the training GPU:
+  tensors the CUDA caching allocator handed out, not what it reserved) or ``"cpu_peak_rss"``
+  (the process's peak resident set from ``getrusage``: everything the process held, the Python
+  interpreter and libraries included).  Summaries written before the last two keys existed hold
+  ``peak_memory_bytes`` alone (this process's figure);
 - ``report.md`` and ``curves.png`` (and ``samples.png`` for DDPM).
 
 Only global rank 0 writes.
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import resource
 import sys
 import time
@@ -29,7 +38,7 @@ import torch
 
 from .config import TrainConfig, to_yaml
 
-__all__ = ["RunLog", "optimizer_state_bytes", "peak_memory_bytes"]
+__all__ = ["RunLog", "optimizer_state_bytes", "peak_memory_bytes", "peak_memory_kind", "peak_memory_per_rank"]
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> tuple[int, int]:
@@ -57,6 +66,46 @@ def peak_memory_bytes(device: torch.device | None = None) -> int:
         return int(torch.cuda.max_memory_allocated(device))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def peak_memory_kind(device: torch.device | None = None) -> str:
+    """What :func:`peak_memory_bytes` measures on ``device``: ``"cuda_max_allocated"`` or ``"cpu_peak_rss"``."""
+    return "cuda_max_allocated" if device is not None and device.type == "cuda" else "cpu_peak_rss"
+
+
+def _gather_device(device: torch.device | None) -> torch.device:
+    """Where the tensor of an ``all_gather`` on the default group must live: a CUDA device when the
+    group only speaks NCCL, the CPU otherwise (gloo, MPI, or a ``cpu:gloo,cuda:nccl`` pair)."""
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend()).lower()
+    cpu_capable = "gloo" in backend or "mpi" in backend or "cpu:" in backend
+    if "nccl" in backend and not cpu_capable:
+        if device is not None and device.type == "cuda":
+            return device
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def peak_memory_per_rank(device: torch.device | None = None) -> list[int]:
+    """Every rank's :func:`peak_memory_bytes` on ``device``, in rank order.
+
+    When ``torch.distributed`` is initialized with more than one process, the figures are
+    gathered over the default group with an ``all_gather`` of one int64 per rank (on the CUDA
+    device for NCCL, on the CPU for gloo), so this is a collective: call it on every rank at the
+    same point, or the ranks that do call it hang until the process group times out.  Otherwise
+    it is ``[this process's peak]``.  Each rank measures its own peak before the gather, so the gather's own buffers are
+    not counted.
+    """
+    own = peak_memory_bytes(device)
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return [own]
+    mine = torch.tensor([own], dtype=torch.int64, device=_gather_device(device))
+    gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    return [int(t.item()) for t in gathered]
 
 
 def _clean(value: Any) -> Any:
@@ -138,10 +187,31 @@ class RunLog:
         world_size: int,
         device: torch.device | None,
         sample_grid: str | None = None,
+        peak_per_rank: list[int] | None = None,
     ) -> dict[str, Any] | None:
-        """Write ``summary.json`` and ``report.md``; returns the summary (None off rank 0)."""
+        """Write ``summary.json`` and ``report.md``; returns the summary (None off rank 0).
+
+        ``peak_per_rank``: every rank's peak memory in bytes, in rank order, from
+        :func:`peak_memory_per_rank` (a collective, so every rank calls it before this method,
+        which does nothing off rank 0); None records this process's figure alone.  The summary's
+        ``peak_memory_bytes`` is their maximum, ``peak_memory_per_rank`` the list and
+        ``peak_memory_kind`` what they measure on ``device`` (see the module docstring).
+
+        Raises:
+            ValueError: ``peak_per_rank`` is empty or holds something other than non-negative
+                integers.
+        """
         if not self.active:
             return None
+        if peak_per_rank is None:
+            peak_per_rank = [peak_memory_bytes(device)]
+        peaks = list(peak_per_rank)
+        if not peaks or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0 for v in peaks):
+            raise ValueError(
+                f"peak_per_rank must list every rank's peak memory as non-negative integer bytes "
+                f"(from peak_memory_per_rank), got {peak_per_rank!r}"
+            )
+        peaks = [int(v) for v in peaks]
         wall = self.elapsed()
         train_seconds = max(wall - self.eval_seconds, 1e-9)
         state, full = optimizer_state_bytes(optimizer)
@@ -166,7 +236,9 @@ class RunLog:
             "steps": steps,
             "samples_per_second": steps_this_run * samples_per_step / train_seconds,
             "wall_seconds": wall,
-            "peak_memory_bytes": peak_memory_bytes(device),
+            "peak_memory_bytes": max(peaks),
+            "peak_memory_per_rank": peaks,
+            "peak_memory_kind": peak_memory_kind(device),
             "world_size": world_size,
             "precision": self.cfg.precision,
             "sample_grid": sample_grid,

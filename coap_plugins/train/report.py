@@ -43,6 +43,16 @@ METRICS_FILE = "metrics.jsonl"
 REQUIRED_KEYS = ("name", "task", "metric")
 MISSING = "n/a"
 _BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+_MIB = 2.0**-20
+# peak_memory_kind in summary.json -> (short label for tables, what the figure is)
+PEAK_KINDS = {
+    "cuda_max_allocated": (
+        "CUDA max allocated",
+        "`torch.cuda.max_memory_allocated`: the most tensor memory the CUDA allocator handed out",
+    ),
+    "cpu_peak_rss": ("CPU peak RSS", "`getrusage` peak resident set: all the process held, interpreter included"),
+}
+_RANKS_LISTED = 4  # table cells list up to this many ranks' figures, a min-max range past it
 
 
 @dataclass
@@ -241,6 +251,47 @@ def _seconds_per_step(run: Run) -> float | None:
     return wall / steps
 
 
+def _byte_count(value: Any) -> bool:
+    return _is_number(value) and math.isfinite(value) and value >= 0
+
+
+def _peak_memory(run: Run) -> tuple[float | None, list[float] | None, str | None]:
+    """``(peak bytes, per-rank peaks or None, kind or None)`` from the summary.
+
+    The peak is ``peak_memory_bytes`` (the largest rank's), else the largest of
+    ``peak_memory_per_rank``; summaries written before the per-rank list and the kind existed
+    give ``None`` for them, as do malformed values.
+    """
+    s = run.summary
+    ranks = s.get("peak_memory_per_rank")
+    if not (isinstance(ranks, list) and ranks and all(_byte_count(v) for v in ranks)):
+        ranks = None
+    peak = s.get("peak_memory_bytes")
+    if not _byte_count(peak):
+        peak = max(ranks) if ranks else None
+    kind = s.get("peak_memory_kind")
+    return peak, ranks, kind if isinstance(kind, str) and kind else None
+
+
+def _peak_cell(run: Run) -> str:
+    """The peak in MiB; for several ranks, the per-rank figures (``"200.0 (ranks 150.0 / 200.0)"``)
+    or, past :data:`_RANKS_LISTED` ranks, their range (``"200.0 (8 ranks, 150.0-200.0)"``)."""
+    peak, ranks, _ = _peak_memory(run)
+    text = _fixed(peak, scale=_MIB)
+    if peak is None or ranks is None or len(ranks) < 2:
+        return text
+    if len(ranks) <= _RANKS_LISTED:
+        return f"{text} (ranks {' / '.join(_fixed(v, scale=_MIB) for v in ranks)})"
+    return f"{text} ({len(ranks)} ranks, {_fixed(min(ranks), scale=_MIB)}-{_fixed(max(ranks), scale=_MIB)})"
+
+
+def _peak_kind_label(kind: str | None) -> str:
+    """The table label of a ``peak_memory_kind`` (an unknown kind as it is, a missing one ``"n/a"``)."""
+    if kind is None:
+        return MISSING
+    return PEAK_KINDS[kind][0] if kind in PEAK_KINDS else kind
+
+
 def _labels(runs: Sequence[Run]) -> list[str]:
     """Run names, with the folder name appended where names repeat (the full path if that repeats too)."""
     counts = Counter(r.name for r in runs)
@@ -275,6 +326,8 @@ def _columns(runs: Sequence[Run], relative: bool) -> list[str]:
     if any(_eval_loss(r) is not None and r.metric != "loss" for r in runs):
         cols.append("eval loss")
     cols += ["optimizer state", "state / full rank", "steps", "samples/s", "wall (s)", "peak memory (MiB)"]
+    if any(_peak_memory(r)[2] is not None for r in runs):
+        cols.append("peak kind")
     if relative:
         cols += ["metric vs first", "state vs first", "time/step vs first"]
     return cols
@@ -297,7 +350,8 @@ def _row(run: Run, label: str, cols: list[str], first: Run) -> list[str]:
         "steps": str(s["steps"]) if _is_number(s.get("steps")) else MISSING,
         "samples/s": _fixed(s.get("samples_per_second")),
         "wall (s)": _fixed(s.get("wall_seconds")),
-        "peak memory (MiB)": _fixed(s.get("peak_memory_bytes"), scale=2.0**-20),
+        "peak memory (MiB)": _peak_cell(run),
+        "peak kind": _peak_kind_label(_peak_memory(run)[2]),
         "metric vs first": _ratio(_headline(run), _headline(first)),
         "state vs first": _ratio(state, first.summary.get("state_bytes")),
         "time/step vs first": _ratio(_seconds_per_step(run), _seconds_per_step(first)),
@@ -311,8 +365,11 @@ def summary_table(runs: Sequence[Run], *, relative: bool = False) -> str:
     Columns: run name, trainer, optimizer class, the headline metric (headed by its name; when
     the runs use different metrics, a ``metric`` column reads e.g. ``"accuracy 98.33 %"``), the
     eval ``loss`` when any run reports one besides its metric, optimizer-state size, state as a
-    share of the full-rank (two fp32 moments) equivalent, steps, samples/s, wall seconds and
-    peak memory in MiB.
+    share of the full-rank (two fp32 moments) equivalent, steps, samples/s, wall seconds,
+    peak memory in MiB (the largest rank's; for runs of several ranks followed by the per-rank
+    figures in rank order, or their min-max range past four ranks) and, when any run records
+    it, the kind of peak figure (``"CUDA max allocated"`` or ``"CPU peak RSS"``; ``"n/a"`` for
+    runs that predate it).
 
     Args:
         runs: the runs, in row order.
@@ -483,13 +540,36 @@ def _warnings(run: Run) -> list[str]:
     return lines
 
 
+def _memory_lines(run: Run) -> list[str]:
+    """Bullets for report.md: the optimizer state against its full-rank equivalent, then the peak
+    memory with every rank's figure (several ranks) and what kind of figure it is."""
+    s = run.summary
+    state, full = s.get("state_bytes"), s.get("full_rank_state_bytes")
+    state_line = "- optimizer state: " + (format_bytes(state) if _byte_count(state) else MISSING)
+    if _byte_count(state) and _byte_count(full) and full > 0:
+        state_line += f" ({_ratio(state, full, percent=True)} of the full-rank equivalent, {format_bytes(full)})"
+    peak, ranks, kind = _peak_memory(run)
+    peak_line = "- peak memory: " + (format_bytes(peak) if peak is not None else MISSING)
+    if ranks is not None and len(ranks) > 1:
+        each = ", ".join(f"rank {i}: {format_bytes(v)}" for i, v in enumerate(ranks))
+        peak_line += f", the largest of {len(ranks)} ranks ({each})"
+    if kind is None:
+        peak_line += f"; kind: {MISSING}"
+    elif kind in PEAK_KINDS:
+        peak_line += f"; kind: {PEAK_KINDS[kind][0]} ({PEAK_KINDS[kind][1]})"
+    else:
+        peak_line += f"; kind: {kind}"
+    return [state_line, peak_line]
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write ``RUN/report.md`` and ``RUN/curves.png`` for one run folder.
 
     The report holds a title with the run name, a line describing the run, a warning when the
     run diverged (``diverged`` in the summary) or COAP layers never set up (``waiting_layers``),
-    the one-row :func:`summary_table`, links to the config file and the curves, and the sample grid image
-    when the summary names one (``sample_grid``).
+    the one-row :func:`summary_table`, the optimizer-state bytes next to the peak memory (every
+    rank's figure when there are several, and what kind of figure it is), links to the config
+    file and the curves, and the sample grid image when the summary names one (``sample_grid``).
 
     Args:
         run_dir: the run folder written by ``coap-train``.
@@ -512,6 +592,7 @@ def write_report(run_dir: str | Path) -> Path:
         *(line for warning in _warnings(run) for line in (warning, "")),
         summary_table([run]).rstrip("\n"),
         "",
+        *_memory_lines(run),
         f"- config: [{config}]({config})",
         f"- curves: [{curves.name}]({curves.name})",
         "",
@@ -538,12 +619,28 @@ def _best_line(runs: Sequence[Run], labels: list[str]) -> str | None:
     )
 
 
+def _peak_note(runs: Sequence[Run]) -> str:
+    """A sentence on the peak memory column: whose figure it is and what the recorded kinds measure."""
+    kinds = sorted({k for r in runs if (k := _peak_memory(r)[2]) is not None})
+    note = (
+        "Peak memory is the largest rank's; runs of several ranks add the per-rank figures in rank "
+        f"order (their min-max range past {_RANKS_LISTED} ranks)."
+    )
+    described = [f"{PEAK_KINDS[k][0]} is {PEAK_KINDS[k][1]}" for k in kinds if k in PEAK_KINDS]
+    if described:
+        note += " " + "; ".join(described) + "."
+    if any(_peak_memory(r)[2] is None for r in runs):
+        note += f" Runs whose summary does not record the kind show {MISSING}."
+    return note
+
+
 def compare(run_dirs: Sequence[str | Path], out_dir: str | Path | None = None) -> tuple[Path, Path]:
     """Compare runs of one task: write ``comparison.md`` and ``comparison.png`` into ``out_dir``.
 
     The Markdown holds :func:`summary_table` with relative columns (headline metric, state
-    bytes and wall seconds per step divided by the first run's), the best run by the headline
-    metric, and the curves of all runs.
+    bytes and wall seconds per step divided by the first run's), a note on the peak-memory
+    figures (the largest rank's, per-rank figures for multi-rank runs, the kinds of figure), the
+    best run by the headline metric, and the curves of all runs.
 
     Args:
         run_dirs: run folders; the first is the reference for the relative columns.
@@ -568,6 +665,8 @@ def compare(run_dirs: Sequence[str | Path], out_dir: str | Path | None = None) -
     lines += [
         "",
         f"Relative columns divide by the first run ({labels[0]}); time/step is wall seconds per optimizer step.",
+        "",
+        _peak_note(runs),
         "",
     ]
     lines.append(summary_table(runs, relative=True).rstrip("\n"))
