@@ -53,6 +53,10 @@ def test_paper_ddpm_cifar_settings():
     assert (cfg.coap.update_interval, cfg.coap.reproject_factor) == (32, 5)
     assert cfg.data.batch_size * cfg.devices == 128 and cfg.max_duration == "800000ba"
     assert (cfg.task.timesteps, cfg.task.beta_start, cfg.task.beta_end) == (1000, 1e-4, 0.02)
+    # trained as DDPM trains: gradient norm clipped to 1, EMA 0.9999 (the digits recipe: 0.995 over 600 steps)
+    assert cfg.clip_grad_norm == 1.0 and cfg.ema.decay == 0.9999
+    digits = load_config(YAMLS / "lightning" / "unet_ddpm_digits_adamw.yaml")
+    assert digits.clip_grad_norm == 1.0 and digits.ema.decay == 0.995 and digits.coap is None
 
 
 def test_overrides_are_typed_and_nested(tmp_path):

@@ -410,6 +410,40 @@ class CoapOptimizer(Optimizer):
             if isinstance(v, torch.Tensor)
         )
 
+    def predicted_state_bytes(self, p: torch.Tensor | None = None) -> int:
+        """Bytes of optimizer state ``p`` (or every parameter) will hold once it has received its
+        first usable gradient: what :meth:`state_bytes` counts from then on, known before any step.
+
+        Nothing is stepped and ``self.state`` is neither read nor written.  The parameter's
+        routing (:meth:`routing`) gives its projector, whose ``projector_numel()`` counts the
+        tensors its ``setup`` stores, in fp32 (they are computed from the fp32 gradient the step
+        makes); the moments are allocated by the optimizer's own ``_init_moments`` (the storage
+        decides fp32, or 8-bit codes plus absmax) into a scratch dict on the ``meta`` device, so
+        no memory is used and the moment layout is the one the first step creates.  Refreshes
+        replace tensors by ones of the same shapes, so the number holds for every later step too.
+
+        Raises:
+            ValueError: ``p`` is not a parameter of this optimizer.
+        """
+        shape_only = torch.empty(0, device="meta")  # _init_moments allocates on its device
+        total, found = 0, False
+        for group in self.param_groups:
+            for i, q in enumerate(group["params"]):
+                if p is not None and q is not p:
+                    continue
+                found = True
+                proj, _ = self._route(q, group, i)
+                moments: dict[str, torch.Tensor] = {}
+                self._init_moments(moments, tuple(q.shape) if proj is None else proj.moment_shape, shape_only, group)
+                total += sum(v.numel() * v.element_size() for v in moments.values())
+                if proj is not None:
+                    total += proj.projector_numel() * torch.float32.itemsize
+        if p is not None and not found:
+            raise ValueError(
+                f"predicted_state_bytes: the tensor of shape {tuple(p.shape)} is not a parameter of this optimizer"
+            )
+        return total
+
     def full_rank_state_bytes(self) -> int:
         """Bytes of moments the full-rank counterpart (torch AdamW / Adafactor) would hold."""
         return sum(self._full_rank_equivalent_bytes(p, g) for g in self.param_groups for p in g["params"])

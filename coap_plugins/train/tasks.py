@@ -156,6 +156,7 @@ class TaskModule(nn.Module):
         mean, std = (t.to(x.device) for t in self._norm)
         return (unit - mean) / std
 
+    @torch.compiler.disable  # a host-side generator: run eagerly under `compile: true`
     def _generator(self, device: torch.device) -> torch.Generator:
         # one stream per (seed, rank, micro-batch): independent of the framework and of restarts
         count = int(self.micro_batches)
