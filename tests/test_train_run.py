@@ -127,19 +127,31 @@ def test_both_trainers_train_the_same_model(tmp_path):
 
 
 def _final_params(trainer, folder):
+    """The checkpoint's model weights (the EMA when there is one) and, with an EMA, the training
+    weights it keeps aside (prefixed ``training.``)."""
     if trainer == "composer":
         state = torch.load(folder / "latest-rank0.pt", map_location="cpu", weights_only=False)
-        params = state["state"]["model"]
-        return {k.removeprefix("task."): v for k, v in params.items() if not k.startswith("metrics")}
-    state = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=False)
-    return {k.removeprefix("task."): v for k, v in state["state_dict"].items() if not k.startswith("metrics")}
+        params = dict(state["state"]["model"])
+        for name, algorithm in state["state"]["algorithms"]:
+            if name == "EMA":  # the model holds the average while a checkpoint is written
+                assert algorithm["ema_weights_active"]
+                ema = algorithm["ema_model"]
+                params.update({f"training.{k}": v for k, v in ema["named_parameters_dict"].items()})
+                params.update({f"training.{k}": v for k, v in ema["named_buffers_dict"].items()})
+    else:
+        state = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=False)
+        params = dict(state["state_dict"])
+        params.update({f"training.{k}": v for k, v in state.get("current_model_state", {}).items()})
+    return {k.replace("task.", ""): v for k, v in params.items() if "metrics" not in k}
 
 
 @pytest.mark.parametrize("trainer", ["composer", "lightning"])
 def test_resume_continues_to_the_same_parameters(tmp_path, trainer):
-    # 256 training samples = 4 batches per epoch: 7 batches cross an epoch; stop mid-epoch after 3
+    # 256 training samples = 4 batches per epoch: 7 batches cross an epoch; stop mid-epoch after 3;
+    # with an EMA of the weights: the average and the training weights both resume exactly
     args = [
         *QUICK,
+        "ema.decay=0.8",
         "max_duration=7ba",
         "eval_interval=7ba",
         "checkpoint.interval=3ba",
@@ -158,6 +170,7 @@ def test_resume_continues_to_the_same_parameters(tmp_path, trainer):
     a = _final_params(trainer, tmp_path / "whole" / "checkpoints")
     b = _final_params(trainer, tmp_path / "parted" / "checkpoints")
     assert a.keys() == b.keys() and any(k.endswith("micro_batches") for k in a)
+    assert "training.net.fc.weight" in a and not torch.equal(a["net.fc.weight"], a["training.net.fc.weight"])
     for key in a:
         assert torch.equal(a[key], b[key]), key
     strip = lambda rows: [{k: v for k, v in r.items() if k != "time"} for r in rows]  # noqa: E731
