@@ -272,8 +272,11 @@ def test_logger_settings_default_to_local_offline_files(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = load_config(RECIPES_DIR / "composer" / "resnet18_digits.yaml", [f"output_dir={tmp_path}"])
     cfg.loggers.mlflow, cfg.loggers.wandb = MlflowLoggerConfig(), WandbLoggerConfig()
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "")  # recorded, so that the variable set below is undone
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")
     got = logger_settings(cfg)
     assert got["mlflow"] == {"experiment": "resnet18_digits", "tracking_uri": (tmp_path / "mlruns").as_uri()}
+    assert os.environ["MLFLOW_ALLOW_FILE_STORE"] == "true"  # MLflow 3 refuses its file store otherwise
     assert got["wandb"]["mode"] == "offline" and got["wandb"]["folder"] == str(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "online")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking:5000")

@@ -124,10 +124,11 @@ def logger_settings(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
         out["csv"] = {"folder": str(root / given.csv.folder)}
     if given.mlflow is not None:
         uri = given.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-        out["mlflow"] = {
-            "experiment": given.mlflow.experiment or cfg.name,
-            "tracking_uri": uri or (root / "mlruns").resolve().as_uri(),
-        }
+        if uri is None:
+            uri = (root / "mlruns").resolve().as_uri()
+            # MLflow 3 refuses its file store unless asked for it; a local store is the default here
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        out["mlflow"] = {"experiment": given.mlflow.experiment or cfg.name, "tracking_uri": uri}
     if given.wandb is not None:
         out["wandb"] = {
             "project": given.wandb.project or "coap-plugins",

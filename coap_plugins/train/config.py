@@ -556,6 +556,23 @@ def _validate_training_knobs(cfg: TrainConfig) -> None:
     for name, package in _LOGGER_PACKAGES.items():
         if getattr(cfg.loggers, name) is not None and importlib.util.find_spec(package) is None:
             raise ConfigError(f"Invalid loggers.{name}: the {package} package is not installed (pip install {package})")
+    if cfg.loggers.wandb is not None and cfg.trainer == "composer":
+        _check_composer_wandb()
+
+
+def _check_composer_wandb() -> None:
+    """Composer 0.32's ``WandBLogger`` calls ``wandb.run.get_url()``, which recent wandb releases
+    no longer have (they have ``Run.url``): refuse the pair before a run starts and fails in
+    Composer's logger set-up."""
+    from importlib.metadata import version
+
+    from wandb.sdk.wandb_run import Run
+
+    if not hasattr(Run, "get_url"):
+        raise ConfigError(
+            f"Invalid loggers.wandb with trainer composer: Composer's WandBLogger needs a wandb with Run.get_url, "
+            f"which wandb {version('wandb')} no longer has (install an older wandb, or use trainer: lightning)"
+        )
 
 
 def _validate_coap(coap: CoapConfig) -> None:
