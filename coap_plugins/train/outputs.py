@@ -15,7 +15,7 @@
   ``peak_memory_bytes``, the largest of them, and ``peak_memory_kind``, what the figures
   measure: ``"cuda_max_allocated"`` (``torch.cuda.max_memory_allocated`` on the training GPU:
   tensors the CUDA caching allocator handed out, not what it reserved) or ``"cpu_peak_rss"``
-  (the process's peak resident set from ``getrusage``: everything the process held, the Python
+  (the process's peak resident set, ``VmHWM`` on Linux, else ``getrusage``: everything the process held, the Python
   interpreter and libraries included).  Summaries written before the last two keys existed hold
   ``peak_memory_bytes`` alone (this process's figure);
 - ``report.md`` and ``curves.png`` (and ``samples.png`` for DDPM).
@@ -61,9 +61,22 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> tuple[int, int]:
 
 
 def peak_memory_bytes(device: torch.device | None = None) -> int:
-    """Peak memory of this process: CUDA allocator peak on a GPU, else the peak resident set."""
+    """Peak memory of this process: CUDA allocator peak on a GPU, else the peak resident set.
+
+    On Linux the resident peak is ``VmHWM`` of ``/proc/self/status``: the high-water mark of this
+    process's own memory.  ``getrusage``'s ``ru_maxrss`` (used elsewhere) also carries over the
+    peak of the process that launched this one (Linux keeps it across ``exec``), so a DDP rank
+    started from a large parent would report at least the parent's peak.
+    """
     if device is not None and device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 

@@ -50,7 +50,7 @@ PEAK_KINDS = {
         "CUDA max allocated",
         "`torch.cuda.max_memory_allocated`: the most tensor memory the CUDA allocator handed out",
     ),
-    "cpu_peak_rss": ("CPU peak RSS", "`getrusage` peak resident set: all the process held, interpreter included"),
+    "cpu_peak_rss": ("CPU peak RSS", "peak resident set (VmHWM on Linux): all the process held, interpreter included"),
 }
 _RANKS_LISTED = 4  # table cells list up to this many ranks' figures, a min-max range past it
 
