@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -186,19 +187,20 @@ def test_accumulation_clipping_and_loggers(tmp_path, monkeypatch):
 
 
 def test_ema_evaluates_the_average_and_compile_keeps_the_numbers(tmp_path, monkeypatch):
-    """ema {decay 0.5, update_interval 2}: the average starts as the weights after step 2 and is
-    0.5 w2 + 0.5 w4 after step 4; evaluation and the trained model hold it, on both trainers.
-    compile (the eager backend: dynamo traces, nothing is lowered) changes no number."""
+    """ema {decay 0.5, update_interval 3} over 6 steps: before step 3 there is no average yet
+    (evaluation at step 2 is of the training weights, as without EMA); it starts as w3 (the
+    evaluation at step 4) and is 0.5 w3 + 0.5 w6 at the end, which the trained model holds, on both
+    trainers.  compile (the eager backend: dynamo traces, nothing is lowered) changes no number."""
     import torch._dynamo
 
-    rows, evals = {}, {}
+    ema = ["max_duration=6ba", "ema.decay=0.5", "ema.update_interval=3"]
+    rows = {}
     for trainer in TRAINERS:
         for compiled in (False, True):
             out = tmp_path / f"{trainer}-{compiled}"
             extra = ["compile=true", "compile_options.backend=eager"] if compiled else []
             cfg = load_config(
-                RECIPES_DIR / trainer / "resnet18_digits.yaml",
-                [*TINY, "ema.decay=0.5", "ema.update_interval=2", f"output_dir={out}", *extra],
+                RECIPES_DIR / trainer / "resnet18_digits.yaml", [*TINY, *ema, f"output_dir={out}", *extra]
             )
             torch._dynamo.reset()
             torch._dynamo.utils.counters.clear()
@@ -207,19 +209,53 @@ def test_ema_evaluates_the_average_and_compile_keeps_the_numbers(tmp_path, monke
             graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
             assert (graphs > 0) == compiled, graphs
             rows[trainer, compiled] = _rows(out)
-            w2, w4 = rec.weights[1], rec.weights[3]
+            w3, w6 = rec.weights[2], rec.weights[5]
             for name, p in rec.net.named_parameters():
-                torch.testing.assert_close(p.detach(), 0.5 * w2[name] + 0.5 * w4[name], rtol=1e-6, atol=1e-7)
-            evals[trainer, compiled] = [r for r in rows[trainer, compiled] if r["split"] == "eval"]
+                torch.testing.assert_close(p.detach(), 0.5 * w3[name] + 0.5 * w6[name], rtol=1e-6, atol=1e-7)
     for key in rows:
         _assert_same_rows(rows[key], rows["composer", False])
-    # the step-2 evaluation is of w2 itself (the average's first value): the same as without EMA
-    # would give; the step-4 one differs from w4's (checked against a run without EMA)
-    out = tmp_path / "plain"
-    run(load_config(RECIPES_DIR / "composer" / "resnet18_digits.yaml", [*TINY, f"output_dir={out}"]))
-    plain = [r for r in _rows(out) if r["split"] == "eval"]
-    assert plain[0] == evals["composer", False][0]
-    assert plain[1]["loss"] != pytest.approx(evals["composer", False][1]["loss"], rel=1e-6)
+    evals = [r for r in rows["composer", False] if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 4, 6]
+    # against runs without EMA: step 2 evaluates the same training weights; step 4 evaluates w3
+    plain, short = tmp_path / "plain", tmp_path / "three"
+    run(
+        load_config(
+            RECIPES_DIR / "lightning" / "resnet18_digits.yaml", [*TINY, "max_duration=6ba", f"output_dir={plain}"]
+        )
+    )
+    run(
+        load_config(
+            RECIPES_DIR / "composer" / "resnet18_digits.yaml", [*TINY, "max_duration=3ba", f"output_dir={short}"]
+        )
+    )
+    plain_evals = [r for r in _rows(plain) if r["split"] == "eval"]
+    _assert_same_rows([evals[0]], [plain_evals[0]])
+    at3 = [r for r in _rows(short) if r["split"] == "eval"][-1]
+    for metric in ("accuracy", "loss"):
+        assert evals[1][metric] == pytest.approx(at3[metric], rel=1e-5)
+    assert plain_evals[2]["loss"] != pytest.approx(evals[2]["loss"], rel=1e-6)
+
+
+def test_two_nodes_need_node_0s_address_and_compile_options_are_typed(monkeypatch, capsys, tmp_path):
+    from coap_plugins.train.cli import main
+
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    recipe = str(RECIPES_DIR / "composer" / "resnet18_digits.yaml")
+    assert main([recipe, "num_nodes=2", "rendezvous.node_rank=1", f"output_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "coap-train: error: Missing rendezvous.master_addr for node_rank 1" in err and not (tmp_path / "run").exists()
+    )
+    for override, message in [
+        (["compile_options.mode=default", "compile_options.options={}"], "give mode or options, not both"),
+        (["compile_options.fullgraph=1"], "Invalid compile_options.fullgraph: 1 (expected true or false)"),
+        (
+            ["compile_options.dynamic=maybe"],
+            "Invalid compile_options.dynamic: 'maybe' (expected true or false, or null)",
+        ),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(recipe, ["compile=true", *override])
 
 
 @pytest.mark.parametrize(
@@ -314,6 +350,7 @@ def test_two_nodes_of_one_process_train_as_two_devices(tmp_path, trainer, data_c
                 "num_nodes=2",
                 f"rendezvous.node_rank={r}",
                 f"rendezvous.master_port={port}",
+                "rendezvous.master_addr=127.0.0.1",
                 f"output_dir={tmp_path / 'nodes'}",
             ],
             env=env,

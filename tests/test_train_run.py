@@ -140,6 +140,7 @@ def _final_params(trainer, folder):
                 params.update({f"training.{k}": v for k, v in ema["named_buffers_dict"].items()})
     else:
         state = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=False)
+        assert state["global_step"] == 7  # the end of training, off the 3-step interval
         params = dict(state["state_dict"])
         params.update({f"training.{k}": v for k, v in state.get("current_model_state", {}).items()})
     return {k.replace("task.", ""): v for k, v in params.items() if "metrics" not in k}

@@ -78,12 +78,13 @@ DEFAULT_MASTER_PORT = 29500
 
 def rendezvous(cfg: TrainConfig) -> tuple[int, str, int | None]:
     """``(node_rank, master_addr, master_port)`` of this node: the recipe's ``rendezvous``, else the
-    launchers' ``NODE_RANK`` / ``MASTER_ADDR`` / ``MASTER_PORT``, else 0, ``127.0.0.1`` and (for
-    several nodes, which must agree on it) 29500; a single node leaves the port to the launcher.
+    launchers' ``NODE_RANK`` / ``MASTER_ADDR`` / ``MASTER_PORT``, else 0, ``127.0.0.1`` (node 0
+    only: the others must be told where it is) and (for several nodes, which must agree on it)
+    29500; a single node leaves the port to the launcher.
 
     Raises:
-        ConfigError: the node rank (from the environment) is not below ``num_nodes``, or
-            ``MASTER_PORT`` is not a port number.
+        ConfigError: the node rank (from the environment) is not below ``num_nodes``,
+            ``MASTER_PORT`` is not a port number, or a node other than 0 has no master address.
     """
     r = cfg.rendezvous
     node_rank = r.node_rank
@@ -92,7 +93,13 @@ def rendezvous(cfg: TrainConfig) -> tuple[int, str, int | None]:
         if not raw.isdigit() or not int(raw) < cfg.num_nodes:
             raise ConfigError(f"Invalid NODE_RANK={raw!r} in the environment (must be in [0, {cfg.num_nodes - 1}])")
         node_rank = int(raw)
-    addr = r.master_addr or os.environ.get("MASTER_ADDR") or "127.0.0.1"
+    addr = r.master_addr or os.environ.get("MASTER_ADDR")
+    if addr is None and node_rank > 0:
+        # 127.0.0.1 would have this node wait on itself until the process group times out
+        raise ConfigError(
+            f"Missing rendezvous.master_addr for node_rank {node_rank} (node 0's address; or set MASTER_ADDR)"
+        )
+    addr = addr or "127.0.0.1"
     port = r.master_port
     if port is None and os.environ.get("MASTER_PORT"):
         raw = os.environ["MASTER_PORT"]

@@ -143,10 +143,13 @@ class RunRecorder(Callback):
 
 class CsvLogger(LoggerDestination):
     """``folder/metrics.csv`` in the layout of Lightning's ``CSVLogger`` (a ``step`` column and one
-    column per metric, sorted; a row per logged step): Composer ships no CSV logger.
+    column per metric, sorted; a row per log call) with the keys both runners log (``train/*``,
+    ``eval/*``, ``coap/*``): Composer ships no CSV logger.
 
     Rank 0 writes; a resumed run keeps the rows up to the step it resumed from.
     """
+
+    KEYS = ("train/", "eval/", "coap/")
 
     def __init__(self, folder: str, flush_interval: int = 50) -> None:
         super().__init__()
@@ -168,7 +171,10 @@ class CsvLogger(LoggerDestination):
                 ]
 
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        if dist.get_global_rank() != 0:
+        # the keys both trainers log (Composer's own time/*, loss/train/*, metrics/* come every
+        # batch, whatever log_interval is)
+        metrics = {k: v for k, v in metrics.items() if k.startswith(self.KEYS)}
+        if dist.get_global_rank() != 0 or not metrics:
             return
         row = {k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}
         row["step"] = len(self.rows) if step is None else step

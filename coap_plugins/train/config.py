@@ -212,8 +212,9 @@ class TensorboardLoggerConfig:
 
 @dataclass
 class CsvLoggerConfig:
-    """``loggers.csv``: ``folder/metrics.csv`` (inside ``output_dir`` when relative), one row per
-    logged step, a ``step`` column and one column per metric."""
+    """``loggers.csv``: ``folder/metrics.csv`` (inside ``output_dir`` when relative): a ``step``
+    column and one column per metric (``train/*``, ``eval/*``, ``coap/*``), a row per log call
+    (the training and eval metrics of one step are separate rows)."""
 
     folder: str = "csv"
 
@@ -261,8 +262,10 @@ class LoggersConfig:
 class RendezvousConfig:
     """``rendezvous``: where the nodes of a multi-node run meet (``num_nodes`` > 1), each null to
     take the launcher's environment variable (``NODE_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``),
-    then the defaults 0, ``127.0.0.1`` and 29500.  Run ``coap-train`` once on every node with its
-    own ``rendezvous.node_rank``; node 0's address is ``master_addr``."""
+    then the defaults 0, ``127.0.0.1`` (node 0 only) and 29500.  Run ``coap-train`` once on every
+    node with its own ``rendezvous.node_rank``; node 0's address is ``master_addr``.  ``output_dir``
+    must be one shared folder: global rank 0 writes the run folder and the checkpoints, and every
+    node resumes from them."""
 
     node_rank: Optional[int] = None
     master_addr: Optional[str] = None
@@ -528,6 +531,16 @@ def _validate_training_knobs(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"Invalid compile_options: {dict(cfg.compile_options)!r} with compile: false (set compile=true to use them)"
         )
+    if "mode" in cfg.compile_options and "options" in cfg.compile_options:
+        raise ConfigError("Invalid compile_options: give mode or options, not both (torch.compile takes one of them)")
+    for key in ("fullgraph", "dynamic"):
+        value = cfg.compile_options.get(key)
+        if key in cfg.compile_options and not (isinstance(value, bool) or (key == "dynamic" and value is None)):
+            allowed = "true or false" + (", or null" if key == "dynamic" else "")
+            raise ConfigError(f"Invalid compile_options.{key}: {value!r} (expected {allowed})")
+    options = cfg.compile_options.get("options")
+    if options is not None and not isinstance(options, dict):
+        raise ConfigError(f"Invalid compile_options.options: {options!r} (expected a mapping of inductor options)")
     mode = cfg.compile_options.get("mode")
     if mode is not None and mode not in _COMPILE_MODES:
         raise ConfigError(f"Invalid compile_options.mode: {mode!r} (expected one of {', '.join(_COMPILE_MODES)})")

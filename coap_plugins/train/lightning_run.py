@@ -192,6 +192,38 @@ class EmaCallback(EMAWeightAveraging):
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and (step_idx + 1) % self.update_every_n_steps == 0
 
+    @property
+    def started(self) -> bool:
+        """Whether the average holds anything yet (its first update has run)."""
+        return self._average_model is not None and int(self._average_model.n_averaged) > 0
+
+    # Before the first update the average is only the copy made at set-up: evaluation uses, and a
+    # checkpoint's model weights are, the training weights (as Composer's EMA before it starts).
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.started:
+            super().on_validation_epoch_start(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.started:
+            super().on_validation_epoch_end(trainer, pl_module)
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if not self.started and "current_model_state" in checkpoint:
+            checkpoint["state_dict"] = checkpoint["current_model_state"]
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # not here: the final checkpoint is written after this hook and must keep the training
+        # weights; run_lightning moves the average into the model once fit returns
+        pass
+
+    def use_average(self, pl_module: pl.LightningModule) -> None:
+        """After training: the model holds the average (when it has started)."""
+        if self.started:
+            self._copy_average_to_current(pl_module)
+
 
 def _loggers(cfg: TrainConfig) -> list[Any]:
     """The recipe's ``loggers`` as Lightning loggers (Lightning's own version folders)."""
@@ -223,12 +255,24 @@ def _loggers(cfg: TrainConfig) -> list[Any]:
     return out
 
 
+class _Checkpoints(ModelCheckpoint):
+    """``ModelCheckpoint`` that also writes the final step when the interval does not end on it
+    (as Composer's saver does), so ``last.ckpt`` is the end of training."""
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step > self._last_global_step_saved:
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+        super().on_train_end(trainer, pl_module)
+
+
 def _checkpoint_callback(cfg: TrainConfig, folder: Path) -> ModelCheckpoint:
     every: dict[str, Any] = {}
     if cfg.checkpoint.interval is not None:
         n, unit = duration_parts("checkpoint.interval", cfg.checkpoint.interval)
         every = {"every_n_train_steps": n} if unit == "ba" else {"every_n_epochs": n}
-    return ModelCheckpoint(
+    return _Checkpoints(
         dirpath=str(folder),
         filename="ep{epoch}-ba{step}",
         auto_insert_metric_name=False,
@@ -246,23 +290,21 @@ def run_lightning(
     module = CoapTaskModule(cfg, task, data)
     folder = Path(cfg.output_dir or ".") / cfg.checkpoint.folder
     last = folder / "last.ckpt"
+    # the global rank before Lightning's processes exist: this node's first process is rank 0 only on node 0
+    first = int(os.environ.get("NODE_RANK", 0)) * cfg.devices + int(os.environ.get("LOCAL_RANK", 0)) == 0
     start = None
     if cfg.checkpoint.resume:
-        start = resume_checkpoint(
-            folder,
-            last if last.is_file() else None,
-            folder.glob("ep*-ba*.ckpt"),
-            announce=int(os.environ.get("LOCAL_RANK", 0)) == 0,
-        )
+        start = resume_checkpoint(folder, last if last.is_file() else None, folder.glob("ep*-ba*.ckpt"), announce=first)
     resume = start is not None
-    if not resume and last.is_file() and int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        last.unlink()  # a fresh run: a later `resume` must not pick up an older run's pointer
+    if not resume and first:
+        last.unlink(missing_ok=True)  # a fresh run: a later `resume` must not pick up an older run's pointer
     recorder = RunRecorder(cfg, data.train, stop_after_batches, resume)
     callbacks: list[Any] = [recorder, _checkpoint_callback(cfg, folder)]
     if cfg.coap is not None:
         callbacks.insert(0, CoapCallback(**coap_kwargs(cfg.coap)))
-    if cfg.ema is not None:
-        callbacks.insert(-1, EmaCallback(cfg.ema.decay, cfg.ema.update_interval))
+    ema = EmaCallback(cfg.ema.decay, cfg.ema.update_interval) if cfg.ema is not None else None
+    if ema is not None:
+        callbacks.insert(-1, ema)
     accelerator = {"auto": "auto", "cpu": "cpu", "gpu": "gpu"}[cfg.accelerator]
     loggers = _loggers(cfg)
     trainer = pl.Trainer(
@@ -297,6 +339,12 @@ def run_lightning(
             recorder.run_log.stopped_diverged(exc.step, exc.loss)
         else:
             diverged = None
+    if ema is not None:
+        ema.use_average(module)
+    # Lightning's teardown moved the module to the CPU: the device it trained on, for the sample
+    # grid and the peak-memory figure
+    device = trainer.strategy.root_device
+    task.to(device)
     assert recorder.run_log is not None  # made at setup
     return finish_run(
         cfg,
@@ -308,6 +356,6 @@ def run_lightning(
         first_step=recorder.first_step,
         rank=trainer.global_rank,
         world_size=trainer.world_size,
-        device=module.device,
+        device=device,
         diverged=diverged,
     )

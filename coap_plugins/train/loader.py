@@ -178,7 +178,8 @@ class ShardLoader:
     def _pipeline(self) -> Any:
         workers = max(1, self.num_workers)
         if self.train:
-            per_worker = math.ceil(self.batches_per_epoch / workers) * self.batch_size
+            steps = self.batches_per_epoch // self.micro_batches
+            per_worker = math.ceil(steps / workers) * self.step_batch_size
             ds = shard_dataset(
                 self.source,
                 self.split,
@@ -198,12 +199,19 @@ class ShardLoader:
     def __iter__(self) -> Iterator[Any]:
         # a generator: nothing (pipeline, skip) is read until the first batch is asked for, so
         # frameworks that call iter() only to check that the loader is iterable change nothing
+        # the workers batch whole optimizer steps, split here: each step's micro-batches are one
+        # worker's batch, as for a trainer that splits the step's batch itself
         loader = torch.utils.data.DataLoader(
-            self._pipeline(), batch_size=self.batch_size, num_workers=self.num_workers, drop_last=False
+            self._pipeline(), batch_size=self.step_batch_size, num_workers=self.num_workers, drop_last=False
         )
         skip, self._skip = self._skip, 0
-        stream = islice(loader, self.batches_per_epoch) if self.train else iter(loader)
-        yield from islice(stream, skip, None)
+        k = self.micro_batches
+        if not self.train:
+            yield from islice(iter(loader), skip, None)
+            return
+        for i, batch in enumerate(islice(loader, skip // k, self.batches_per_epoch // k)):
+            parts = zip(*(t.split(self.batch_size) for t in batch)) if k > 1 else [batch]
+            yield from islice(parts, skip % k if i == 0 else 0, None)
 
 
 class _Below:
