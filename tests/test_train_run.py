@@ -149,10 +149,12 @@ def _final_params(trainer, folder):
 @pytest.mark.parametrize("trainer", ["composer", "lightning"])
 def test_resume_continues_to_the_same_parameters(tmp_path, trainer):
     # 256 training samples = 4 batches per epoch: 7 batches cross an epoch; stop mid-epoch after 3;
-    # with an EMA of the weights: the average and the training weights both resume exactly
+    # with an EMA of the weights (the average and the training weights both resume exactly) and
+    # 2 micro-batches per step (Lightning resumes its loader mid-epoch in micro-batches)
     args = [
         *QUICK,
         "ema.decay=0.8",
+        "accumulate=2",
         "max_duration=7ba",
         "eval_interval=7ba",
         "checkpoint.interval=3ba",
