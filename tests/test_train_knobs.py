@@ -253,6 +253,7 @@ def test_two_nodes_need_node_0s_address_and_compile_options_are_typed(monkeypatc
             ["compile_options.dynamic=maybe"],
             "Invalid compile_options.dynamic: 'maybe' (expected true or false, or null)",
         ),
+        (["compile_options.options=3"], "Invalid compile_options.options: 3 (expected a mapping of inductor options)"),
     ]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_config(recipe, ["compile=true", *override])

@@ -15,8 +15,8 @@
   ``peak_memory_bytes``, the largest of them, and ``peak_memory_kind``, what the figures
   measure: ``"cuda_max_allocated"`` (``torch.cuda.max_memory_allocated`` on the training GPU:
   tensors the CUDA caching allocator handed out, not what it reserved) or ``"cpu_peak_rss"``
-  (the process's peak resident set, ``VmHWM`` on Linux, else ``getrusage``: everything the process held, the Python
-  interpreter and libraries included).  Summaries written before the last two keys existed hold
+  (the process's peak resident set, ``VmHWM`` on Linux, else ``getrusage``: everything the
+  process held, the Python interpreter and libraries included).  Summaries written before the last two keys existed hold
   ``peak_memory_bytes`` alone (this process's figure);
 - ``report.md`` and ``curves.png`` (and ``samples.png`` for DDPM).
 
@@ -64,7 +64,7 @@ def peak_memory_bytes(device: torch.device | None = None) -> int:
     """Peak memory of this process: CUDA allocator peak on a GPU, else the peak resident set.
 
     On Linux the resident peak is ``VmHWM`` of ``/proc/self/status``: the high-water mark of this
-    process's own memory.  ``getrusage``'s ``ru_maxrss`` (used elsewhere) also carries over the
+    process's own memory.  ``getrusage``'s ``ru_maxrss`` (the fallback) also carries over the
     peak of the process that launched this one (Linux keeps it across ``exec``), so a DDP rank
     started from a large parent would report at least the parent's peak.
     """
