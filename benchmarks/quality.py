@@ -89,7 +89,19 @@ import torch
 import torch.nn.functional as F
 from optimizer_step import cpu_model  # noqa: E402  (benchmarks/, run as scripts)
 
-METHODS = ["AdamW", "Adafactor", "CoapAdamW", "CoapAdafactor", "CoapAdamW8bit", "GaLoreAdamW", "AdamW8bit"]
+METHODS = [
+    "AdamW",
+    "Adafactor",
+    "CoapAdamW",
+    "CoapAdafactor",
+    "CoapAdamW8bit",
+    "GaLoreAdamW",
+    "GaLoreConvAdamW",
+    "AdamW8bit",
+]
+# the default set: every method, GaLore once (with its convs flattened and projected)
+DEFAULT_METHODS = [m for m in METHODS if m != "GaLoreAdamW"]
+COAP_METHODS = {"CoapAdamW", "CoapAdafactor", "CoapAdamW8bit"}
 ADAFACTOR_FAMILY = {"Adafactor", "CoapAdafactor"}
 TASKS = {
     "resnet": SimpleNamespace(
@@ -159,46 +171,108 @@ def build_model(task: str, seed: int) -> torch.nn.Module:
 # ----------------------------------------------------------------------------- optimizers
 
 
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"CoapAdamW[restore_state=true,rank_ratio=8]"`` -> ``("CoapAdamW", {...})``.
+
+    Options are keyword arguments of a COAP optimizer (``rank_ratio`` and ``update_interval``
+    set the rank ratios and T_u); values are JSON literals (``true``, ``0.5``) or bare strings.
+    """
+    base, _, rest = spec.partition("[")
+    if base not in METHODS:
+        raise ValueError(f"Invalid method: {base!r} (expected one of {', '.join(METHODS)})")
+    options: dict[str, Any] = {}
+    if rest:
+        if not rest.endswith("]") or base not in COAP_METHODS:
+            raise ValueError(f"Invalid method spec: {spec!r} (options are Coap*[key=value,...])")
+        for item in filter(None, (x.strip() for x in rest[:-1].split(","))):
+            key, eq, value = item.partition("=")
+            if not eq or not key:
+                raise ValueError(f"Invalid option {item!r} in {spec!r} (expected key=value)")
+            try:
+                options[key] = json.loads(value)
+            except json.JSONDecodeError:
+                options[key] = value
+    return base, options
+
+
 def family(method: str) -> str:
-    return "adafactor" if method in ADAFACTOR_FAMILY else "adam"
+    return "adafactor" if parse_method(method)[0] in ADAFACTOR_FAMILY else "adam"
 
 
 def coap_kwargs(task: str, job: dict[str, Any]) -> dict[str, Any]:
+    options = dict(parse_method(job["method"])[1])
+    ratio = options.pop("rank_ratio", job["rank_ratio"])
     kw = dict(
         COAP,
-        rank_ratio_matrix=job["rank_ratio"],
-        rank_ratio_conv=job["rank_ratio"],
-        update_interval=job["update_interval"],
+        rank_ratio_matrix=ratio,
+        rank_ratio_conv=ratio,
+        update_interval=options.pop("update_interval", job["update_interval"]),
     )
     if task == "unet":
         kw["min_conv_numel"] = 0  # the UNet's convs are small: project them too
+    kw.update(options)
     return kw
 
 
-def galore_groups(model: torch.nn.Module, ratio: int) -> list[dict[str, Any]]:
-    """One group per 2-D weight at rank min(shape) // ratio, the rest in one plain group."""
+def galore_groups(model: torch.nn.Module, ratio: int, convs: bool) -> list[dict[str, Any]]:
+    """One group per projected weight at rank min(rows, cols) // ratio, the rest in one plain
+    group.  2-D weights always; with ``convs`` also 4-D conv weights, as (O, I k1 k2) matrices."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [dict(params=[p], rank=max(1, min(p.shape) // ratio), **GALORE) for p in params if p.dim() == 2]
-    rest = [p for p in params if p.dim() != 2]
+
+    def projected(p: torch.Tensor) -> bool:
+        return p.dim() == 2 or (convs and p.dim() == 4 and min(p.shape[0], p[0].numel()) // ratio >= 1)
+
+    def rank(p: torch.Tensor) -> int:
+        return max(1, min(p.shape[0], p[0].numel()) // ratio)
+
+    groups = [dict(params=[p], rank=rank(p), **GALORE) for p in params if projected(p)]
+    rest = [p for p in params if not projected(p)]
     return groups + ([dict(params=rest)] if rest else [])
 
 
+def galore_flatten_convs(opt: torch.optim.Optimizer) -> None:
+    """Give each projected conv weight of a GaLore optimizer a projector that sees its gradient
+    as the (O, I k1 k2) matrix and hands the update back in the weight's shape (galore-torch
+    creates a projector only for a parameter whose state has none)."""
+    from galore_torch.galore_projector import GaLoreProjector
+
+    class FlatProjector(GaLoreProjector):
+        def project(self, full_rank_grad, iter):
+            self.weight_shape = full_rank_grad.shape
+            return super().project(full_rank_grad.reshape(full_rank_grad.shape[0], -1), iter)
+
+        def project_back(self, low_rank_grad):
+            return super().project_back(low_rank_grad).reshape(self.weight_shape)
+
+    for group in opt.param_groups:
+        if "rank" in group:
+            for p in group["params"]:
+                if p.dim() == 4:
+                    opt.state[p]["projector"] = FlatProjector(
+                        group["rank"],
+                        update_proj_gap=group["update_proj_gap"],
+                        scale=group["scale"],
+                        proj_type=group["proj_type"],
+                    )
+
+
 def build_optimizer(method: str, model: torch.nn.Module, task: str, job: dict[str, Any]) -> torch.optim.Optimizer:
-    """The optimizer ``method`` over the model's parameters, at its family's lr and decay."""
-    lr, wd = LR[task][family(method)], WEIGHT_DECAY[family(method)]
+    """The optimizer ``method`` (a spec, see :func:`parse_method`) at the job's lr and decay."""
+    base_method, _ = parse_method(method)
+    lr, wd = job["lr"], job["weight_decay"]
     params = [p for p in model.parameters() if p.requires_grad]
-    if method == "AdamW":
+    if base_method == "AdamW":
         return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
-    if method == "Adafactor":
+    if base_method == "Adafactor":
         from timm.optim import Adafactor
 
         return Adafactor(params, lr=lr, betas=(0.9, 0.999), weight_decay=wd)
-    if method in ("CoapAdamW", "CoapAdamW8bit"):
+    if base_method in ("CoapAdamW", "CoapAdamW8bit"):
         from coap_plugins.optim import CoapAdamW, CoapAdamW8bit
 
-        cls = CoapAdamW if method == "CoapAdamW" else CoapAdamW8bit
+        cls = CoapAdamW if base_method == "CoapAdamW" else CoapAdamW8bit
         return cls(params, lr=lr, weight_decay=wd, **coap_kwargs(task, job))
-    if method == "CoapAdafactor":
+    if base_method == "CoapAdafactor":
         from coap_plugins.optim import CoapAdafactor
 
         # timm's Adafactor applies an explicit lr as is (its parameter scaling only acts with
@@ -212,15 +286,18 @@ def build_optimizer(method: str, model: torch.nn.Module, task: str, job: dict[st
             weight_decay=wd,
             **coap_kwargs(task, job),
         )
-    if method == "GaLoreAdamW":
+    if base_method in ("GaLoreAdamW", "GaLoreConvAdamW"):
         from galore_torch import GaLoreAdamW
 
-        return GaLoreAdamW(galore_groups(model, job["rank_ratio"]), lr=lr, weight_decay=wd, no_deprecation_warning=True)
-    if method == "AdamW8bit":
-        from bitsandbytes.optim import AdamW8bit
+        convs = base_method == "GaLoreConvAdamW"
+        groups = galore_groups(model, job["rank_ratio"], convs)
+        opt = GaLoreAdamW(groups, lr=lr, weight_decay=wd, no_deprecation_warning=True)
+        if convs:
+            galore_flatten_convs(opt)
+        return opt
+    from bitsandbytes.optim import AdamW8bit
 
-        return AdamW8bit(params, lr=lr, weight_decay=wd)
-    raise ValueError(f"Invalid method: {method!r} (expected one of {', '.join(METHODS)})")
+    return AdamW8bit(params, lr=lr, weight_decay=wd)
 
 
 def lr_factor(step: int, steps: int, warmup: int) -> float:
@@ -355,25 +432,52 @@ def make_job(
     method: str,
     seed: int,
     steps: int,
-    test_images: int | None,
+    args: argparse.Namespace,
     ratio: int = 4,
     interval: int = 32,
     sweep: bool = False,
 ) -> dict[str, Any]:
+    fam = family(method)
+    lr = args.lr_adam if fam == "adam" and args.lr_adam is not None else LR[task][fam]
+    wd = args.wd_adam if fam == "adam" and args.wd_adam is not None else WEIGHT_DECAY[fam]
     return dict(
         task=task,
         method=method,
+        label=method + (f" ({args.tag})" if args.tag and parse_method(method)[0] in COAP_METHODS else ""),
         seed=seed,
         steps=steps,
-        test_images=test_images,
+        test_images=args.test_images,
         rank_ratio=ratio,
         update_interval=interval,
         sweep=sweep,
+        lr=lr,
+        weight_decay=wd,
+        setting=setting_of(task, args),
     )
 
 
+def setting_of(task: str, args: argparse.Namespace) -> str:
+    """The Adam family's lr and weight decay of a task's runs: the tables compare runs of one setting."""
+    lr = args.lr_adam if args.lr_adam is not None else LR[task]["adam"]
+    wd = args.wd_adam if args.wd_adam is not None else WEIGHT_DECAY["adam"]
+    return f"lr {lr:g}, wd {wd:g}"
+
+
 def job_key(job: dict[str, Any]) -> tuple:
-    return tuple(job[k] for k in ("task", "method", "seed", "steps", "rank_ratio", "update_interval"))
+    return tuple(
+        job.get(k)
+        for k in (
+            "task",
+            "label",
+            "seed",
+            "steps",
+            "rank_ratio",
+            "update_interval",
+            "lr",
+            "weight_decay",
+            "test_images",
+        )
+    )
 
 
 def sweep_points(grid: str) -> list[tuple[int, int]]:
@@ -387,7 +491,7 @@ def sweep_points(grid: str) -> list[tuple[int, int]]:
 def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Main jobs seed-major, methods interleaved within a seed; then the sweep's new jobs."""
     jobs = [
-        make_job(task, method, seed, args.steps[task], args.test_images)
+        make_job(task, method, seed, args.steps[task], args)
         for seed in args.seeds
         for task in args.tasks
         for method in args.methods
@@ -396,17 +500,31 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
         have = {job_key(j) for j in jobs}
         for seed in args.sweep_seeds:
             for ratio, interval in sweep_points(args.sweep_grid):
-                job = make_job(
-                    "unet", "CoapAdamW", seed, args.steps["unet"], args.test_images, ratio, interval, sweep=True
-                )
+                job = make_job("unet", "CoapAdamW", seed, args.steps["unet"], args, ratio, interval, sweep=True)
                 if job_key(job) not in have:
                     jobs.append(job)
                     have.add(job_key(job))
-            base = make_job("unet", "AdamW", seed, args.steps["unet"], args.test_images, sweep=True)
+            base = make_job("unet", "AdamW", seed, args.steps["unet"], args, sweep=True)
             if job_key(base) not in have:  # the sweep's reference
                 jobs.append(base)
                 have.add(job_key(base))
     return jobs
+
+
+def load_included(paths: list[str]) -> list[dict[str, Any]]:
+    """Results of earlier invocations (quality.json, or the runs.jsonl each invocation appends to
+    as runs finish), the later file winning on a repeated run."""
+    found: dict[tuple, dict[str, Any]] = {}
+    for path in paths:
+        text = Path(path).read_text()
+        if path.endswith(".jsonl"):
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            rows = json.loads(text)["results"]
+        for r in rows:
+            r.setdefault("label", r["method"])
+            found[job_key(r)] = r
+    return list(found.values())
 
 
 def launch(job: dict[str, Any], threads: int, tmp: str, index: int) -> dict[str, Any]:
@@ -428,25 +546,28 @@ def launch(job: dict[str, Any], threads: int, tmp: str, index: int) -> dict[str,
     return json.loads(Path(result).read_text())
 
 
-def launch_logged(job: dict[str, Any], threads: int, tmp: str, index: int, total: int) -> dict[str, Any]:
+def launch_logged(job: dict[str, Any], threads: int, tmp: str, index: int, total: int, log: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     res = launch(job, threads, tmp, index)
+    with log.open("a") as f:  # every finished run at once: an interrupted invocation keeps them
+        f.write(json.dumps(res) + "\n")
     metric = ", ".join(f"{k} {v:.4f}" for k, v in res["final"].items())
     print(
-        f"[{index + 1}/{total}] {job['task']} {job['method']} seed {job['seed']} r{job['rank_ratio']} "
-        f"T{job['update_interval']}: {metric}; {time.perf_counter() - t0:.0f} s",
+        f"[{index + 1}/{total}] {job['task']} {job['label']} seed {job['seed']} r{job['rank_ratio']} "
+        f"T{job['update_interval']} {job['setting']}: {metric}; {time.perf_counter() - t0:.0f} s",
         file=sys.stderr,
         flush=True,
     )
     return res
 
 
-def run_all(jobs: list[dict[str, Any]], threads: int, parallel: int) -> list[dict[str, Any]]:
-    """Results of ``jobs`` in order, ``parallel`` worker processes at a time (1: one after another)."""
+def run_all(jobs: list[dict[str, Any]], threads: int, parallel: int, log: Path) -> list[dict[str, Any]]:
+    """Results of ``jobs`` in order, ``parallel`` worker processes at a time (1: one after another);
+    each result is also appended to ``log`` (JSON lines) as soon as it is in."""
     from concurrent.futures import ThreadPoolExecutor
 
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(parallel) as pool:
-        futures = [pool.submit(launch_logged, job, threads, tmp, i, len(jobs)) for i, job in enumerate(jobs)]
+        futures = [pool.submit(launch_logged, job, threads, tmp, i, len(jobs), log) for i, job in enumerate(jobs)]
         return [f.result() for f in futures]
 
 
@@ -464,8 +585,44 @@ def mean_std(values: list[float], digits: int = 4) -> str:
     return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def main_runs(results: list[dict], task: str, method: str) -> list[dict]:
-    return [r for r in results if r["task"] == task and r["method"] == method and not r["sweep"]]
+def groups_of(results: list[dict]) -> list[tuple[str, str, int]]:
+    """(task, setting, steps) of the main runs, in the order they first appear."""
+    seen: dict[tuple[str, str, int], None] = {}
+    for r in results:
+        if not r["sweep"]:
+            seen.setdefault((r["task"], r.get("setting") or "", r["steps"]), None)
+    return list(seen)
+
+
+def main_runs(results: list[dict], group: tuple[str, str, int], label: str) -> list[dict]:
+    task, setting, steps = group
+    return [
+        r
+        for r in results
+        if (r["task"], r.get("setting") or "", r["steps"]) == group and r["label"] == label and not r["sweep"]
+    ]
+
+
+def labels_of(results: list[dict], group: tuple[str, str, int], first: list[str]) -> list[str]:
+    """Labels with main runs in ``group``: those of ``first`` in its order, then the others as found."""
+    found = {r["label"]: None for r in results if main_runs(results, group, r["label"])}
+    return [x for x in first if x in found] + [x for x in found if x not in first]
+
+
+def base_of(label: str) -> str:
+    """The method a label names: ``"CoapAdamW[restore_state=true] (v1)"`` -> ``"CoapAdamW"``."""
+    return parse_method(label.split(" (")[0])[0]
+
+
+def baseline_label(label: str) -> str:
+    """What a method is paired against: Adafactor for the Adafactor family, AdamW otherwise."""
+    return "Adafactor" if base_of(label) in ADAFACTOR_FAMILY else "AdamW"
+
+
+def paired(runs: list[dict], ref: list[dict], key: str) -> list[float]:
+    """Per seed present in both: the run's metric over the reference's."""
+    by_seed = {r["seed"]: r["final"][key] for r in ref}
+    return [r["final"][key] / by_seed[r["seed"]] for r in runs if r["seed"] in by_seed]
 
 
 def pooled_median(runs: list[dict]) -> float:
@@ -476,22 +633,44 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.3f}" if a is not None and b else "-"
 
 
-def task_table(results: list[dict], task: str, methods: list[str]) -> list[str]:
+def paired_cell(ratios: list[float]) -> str:
+    """``+1.2 ± 0.4 (3)``: mean and spread over seeds of the paired difference, in percent."""
+    if not ratios:
+        return "-"
+    diffs = [100 * (x - 1) for x in ratios]
+    spread = f" ± {statistics.stdev(diffs):.1f}" if len(diffs) > 1 else ""
+    return f"{statistics.fmean(diffs):+.1f}{spread} ({len(diffs)})"
+
+
+def task_table(results: list[dict], group: tuple[str, str, int], labels: list[str]) -> list[str]:
+    task = group[0]
     key = headline(task)
-    head = ["method", f"{TASKS[task].metric} mean ± std ({{n}})", f"{TASKS[task].metric} / AdamW"]
+    head = [
+        "method",
+        f"{TASKS[task].metric} mean ± std ({{n}})",
+        f"{TASKS[task].metric} / AdamW",
+        "paired Δ % vs AdamW (seeds)",
+        "paired Δ % vs own baseline",
+    ]
     if task == "resnet":
         head.append("test accuracy % mean ± std")
     head += ["state MiB", "state / AdamW", "time/step ms", "time / AdamW", "peak RSS MiB"]
-    ref = main_runs(results, task, "AdamW")
+    ref = main_runs(results, group, "AdamW")
     ref_metric = statistics.fmean(r["final"][key] for r in ref) if ref else None
     ref_time = pooled_median(ref) if ref else None
-    rows = []
-    for method in methods:
-        runs = main_runs(results, task, method)
-        if not runs:
-            continue
+    rows, seeds = [], set()
+    for label in labels_of(results, group, labels):
+        runs = main_runs(results, group, label)
+        seeds |= {r["seed"] for r in runs}
         metric = [r["final"][key] for r in runs]
-        cells = [method, mean_std(metric), ratio(statistics.fmean(metric), ref_metric)]
+        own = main_runs(results, group, baseline_label(label))
+        cells = [
+            label,
+            mean_std(metric),
+            ratio(statistics.fmean(metric), ref_metric),
+            paired_cell(paired(runs, ref, key)) if label != "AdamW" else "-",
+            paired_cell(paired(runs, own, key)) if baseline_label(label) not in ("AdamW", label) else "-",
+        ]
         if task == "resnet":
             cells.append(mean_std([100 * r["final"]["test_accuracy"] for r in runs], 2))
         state = statistics.fmean(r["state_bytes"] for r in runs)
@@ -504,22 +683,30 @@ def task_table(results: list[dict], task: str, methods: list[str]) -> list[str]:
             f"{max(r['peak_rss_bytes'] for r in runs) / 2**20:.0f}",
         ]
         rows.append("| " + " | ".join(cells) + " |")
-    n = len({r["seed"] for r in results if r["task"] == task and not r["sweep"]})
-    head[1] = head[1].format(n=f"{n} seed" + "s" * (n != 1))
+    head[1] = head[1].format(n=f"{len(seeds)} seed" + "s" * (len(seeds) != 1))
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows]
 
 
-def sweep_rows(results: list[dict], seeds: list[int], steps: int) -> list[dict[str, Any]]:
+def sweep_rows(results: list[dict], seeds: list[int], steps: int, tag: str = "") -> list[dict[str, Any]]:
     """One row per (seed, rank ratio, update interval) of the sweep, with ratios to AdamW's run."""
 
-    def find(method: str, seed: int, r: int = 4, t: int = 32) -> dict | None:
-        return next((x for x in results if job_key(x) == ("unet", method, seed, steps, r, t)), None)
+    def find(label: str, seed: int, r: int = 4, t: int = 32) -> dict | None:
+        return next(
+            (
+                x
+                for x in results
+                if x["task"] == "unet"
+                and x["label"] == label
+                and (x["seed"], x["steps"], x["rank_ratio"], x["update_interval"]) == (seed, steps, r, t)
+            ),
+            None,
+        )
 
     rows = []
     for seed in seeds:
         ref = find("AdamW", seed)
         for r, t in sweep_points("full"):
-            x = find("CoapAdamW", seed, r, t)
+            x = find("CoapAdamW" + tag, seed, r, t)
             if x is None:
                 continue
             mse = x["final"]["heldout_mse"]
@@ -581,7 +768,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
-def task_intro(task: str, args: argparse.Namespace, params: int | None) -> str:
+def task_intro(task: str, args: argparse.Namespace, params: int | None, steps: int) -> str:
     cfg = TASKS[task]
     test = f"first {args.test_images}" if args.test_images else "450"
     if task == "resnet":
@@ -596,8 +783,15 @@ def task_intro(task: str, args: argparse.Namespace, params: int | None) -> str:
             f"digits at 16x16 in [-1, 1]; metric: held-out noise-prediction MSE of the {test} test images at "
             f"timesteps {EVAL_TIMESTEPS}, noise seed 0 (lower is better)"
         )
-    steps = args.steps[task]
     return f"{what}; batch {cfg.batch}, {steps} steps, cosine schedule, warm-up {min(cfg.warmup, steps)}."
+
+
+def heading(group: tuple[str, str, int], args: argparse.Namespace) -> str:
+    """``unet`` for the invocation's own setting and step count, else ``unet (lr 0.0002, wd 0.01, 500 steps)``."""
+    task, setting, steps = group
+    if setting == setting_of(task, args) and steps == args.steps[task]:
+        return task
+    return f"{task} (Adam family {setting}, {steps} steps)"
 
 
 def markdown(results: list[dict], args: argparse.Namespace, env: dict[str, Any]) -> str:
@@ -611,28 +805,42 @@ def markdown(results: list[dict], args: argparse.Namespace, env: dict[str, Any])
         f"{env['load_average_at_start']:.2f}",
         "",
     ]
-    for task in args.tasks:
+    if args.include:
+        lines += [f"Runs of earlier invocations included from: {', '.join(f'`{x}`' for x in args.include)}.", ""]
+    for group in groups_of(results):
+        task = group[0]
         params = next((r["params"] for r in results if r["task"] == task), None)
-        lines += [f"## {task}", "", task_intro(task, args, params), "", *task_table(results, task, args.methods), ""]
+        lines += [
+            f"## {heading(group, args)}",
+            "",
+            task_intro(task, args, params, group[2]),
+            "",
+            *task_table(results, group, args.labels),
+            "",
+        ]
     if args.sweep:
         lines += [
             "## Sweep: CoapAdamW on the UNet, rank ratio x update interval",
             "",
             "Reproject factor 5; ratios are relative to AdamW's result for the same seed.",
             "",
-            *sweep_table(sweep_rows(results, args.sweep_seeds, args.steps["unet"])),
+            *sweep_table(sweep_rows(results, args.sweep_seeds, args.steps["unet"], args.label_tag)),
             "",
         ]
     lines += [
-        "Notes: lr 2e-3 (Adam family: AdamW, CoapAdamW, CoapAdamW8bit, GaLoreAdamW, AdamW8bit; weight decay "
-        "0.05) and 1e-2 on the ResNet, 5e-3 on the UNet (Adafactor family: Adafactor, CoapAdafactor; no "
-        "weight decay; timm's Adafactor collapsed at 1e-2 on the UNet); COAP rank ratio 4, "
-        "update interval 32, reproject factor 5 (UNet: min_conv_numel=0); GaLore rank min(shape)//4 on 2-D "
-        "weights only, update_proj_gap 200, scale 0.25. state = bytes of all tensors in optimizer.state after "
-        "training; state / AdamW = against 8 bytes per trainable element (torch AdamW's two fp32 moments). "
-        "time/step = median wall time of batch assembly + forward + backward + optimizer step, first "
-        f"{SKIP_STEPS} steps of each run excluded, seeds pooled; time / AdamW = ratio of those medians in "
-        "this invocation. peak RSS = ru_maxrss of the run's own process (the largest over seeds)."
+        "Notes: lr 2e-3 (Adam family: AdamW, CoapAdamW, CoapAdamW8bit, GaLoreAdamW, GaLoreConvAdamW, AdamW8bit; "
+        "weight decay 0.05) unless a heading says otherwise, and 1e-2 on the ResNet, 5e-3 on the UNet "
+        "(Adafactor family: Adafactor, CoapAdafactor; no weight decay; timm's Adafactor collapsed at 1e-2 on "
+        "the UNet); COAP rank ratio 4, update interval 32, reproject factor 5 (UNet: min_conv_numel=0) unless "
+        "the method's [options] say otherwise; GaLore rank min(rows, cols)//4, update_proj_gap 200, scale 0.25, "
+        "on 2-D weights only (GaLoreAdamW) or also on every conv weight seen as (O, I*k*k) (GaLoreConvAdamW). "
+        "paired Δ = per seed, the method's metric over AdamW's (or, for the Adafactor family, Adafactor's) of "
+        "the same seed, minus 1: mean ± std over the seeds both ran. state = bytes of all tensors in "
+        "optimizer.state after training; state / AdamW = against 8 bytes per trainable element (torch AdamW's "
+        "two fp32 moments). time/step = median wall time of batch assembly + forward + backward + optimizer "
+        f"step, first {SKIP_STEPS} steps of each run excluded, seeds pooled; time / AdamW = ratio of those "
+        "medians (comparable only between runs of one invocation). peak RSS = ru_maxrss of the run's own "
+        "process (the largest over seeds)."
     ]
     return "\n".join(lines) + "\n"
 
@@ -647,35 +855,97 @@ def mean_curve(runs: list[dict], key: str, metric: str | None = None) -> tuple[l
     return steps, [statistics.fmean(c[s] for c in curves) for s in steps]
 
 
-def plot_task(results: list[dict], task: str, methods: list[str], path: Path) -> None:
+def slug(group: tuple[str, str, int], args: argparse.Namespace) -> str:
+    task, setting, steps = group
+    if heading(group, args) == task:
+        return task
+    return f"{task}_" + setting.replace("lr ", "lr").replace(", wd ", "_wd") + f"_{steps}"
+
+
+def plot_task(results: list[dict], group: tuple[str, str, int], labels: list[str], path: Path) -> None:
     import matplotlib.pyplot as plt
 
+    task = group[0]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for method in methods:
-        runs = main_runs(results, task, method)
-        if runs:
-            left.plot(*mean_curve(runs, "train_curve"), marker=".", markersize=4, label=method)
-            right.plot(*mean_curve(runs, "eval_curve", headline(task)), marker="o", label=method)
+    for label in labels_of(results, group, labels):
+        runs = main_runs(results, group, label)
+        left.plot(*mean_curve(runs, "train_curve"), marker=".", markersize=4, label=label)
+        right.plot(*mean_curve(runs, "eval_curve", headline(task)), marker="o", label=label)
     left.set(title=f"{task}: train loss (mean of 10 steps)", xlabel="step", ylabel="train loss", yscale="log")
     right.set(title=f"{task}: {TASKS[task].metric}", xlabel="step", ylabel=TASKS[task].metric, yscale="log")
-    right.legend(fontsize=8)
+    right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def plot_memory(results: list[dict], tasks: list[str], methods: list[str], path: Path) -> None:
+def frontier_points(results: list[dict], group: tuple[str, str, int], labels: list[str]) -> list[dict[str, Any]]:
+    """Per label: state / AdamW (x) and the paired metric ratio to AdamW, mean and std over seeds (y)."""
+    key = headline(group[0])
+    ref = main_runs(results, group, "AdamW")
+    points = []
+    for label in labels_of(results, group, labels):
+        runs = main_runs(results, group, label)
+        ratios = paired(runs, ref, key)
+        if not ratios:
+            continue
+        points.append(
+            dict(
+                label=label,
+                state=statistics.fmean(r["state_bytes"] / r["adamw_bytes"] for r in runs),
+                mean=statistics.fmean(ratios),
+                std=statistics.stdev(ratios) if len(ratios) > 1 else 0.0,
+                seeds=len(ratios),
+            )
+        )
+    return points
+
+
+def plot_frontier(results: list[dict], groups: list[tuple[str, str, int]], labels: list[str], path: Path) -> None:
+    """The memory-quality frontier: one panel per (task, setting, steps); x = optimizer state over
+    AdamW's, y = metric over AdamW's of the same seed (mean, error bar = std over seeds)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 5), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, group in zip(axes[0], groups):
+        for i, pt in enumerate(frontier_points(results, group, labels)):
+            color = colors[METHODS.index(base_of(pt["label"])) % len(colors)]
+            ax.errorbar(pt["state"], pt["mean"], yerr=pt["std"], fmt="o", color=color, capsize=3)
+            ax.annotate(
+                pt["label"],
+                (pt["state"], pt["mean"]),
+                fontsize=6,
+                xytext=(4, 2 + 3 * (i % 3)),
+                textcoords="offset points",
+            )
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        task, setting, steps = group
+        ax.set(
+            title=f"{task}, Adam family {setting}, {steps} steps",
+            xlabel="optimizer state / AdamW's",
+            ylabel=f"{TASKS[task].metric} / AdamW's (paired by seed)",
+        )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_memory(results: list[dict], groups: list[tuple[str, str, int]], labels: list[str], path: Path) -> None:
     """One panel (bar group) per task: mean optimizer-state MiB of each method, labelled x AdamW."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    firsts = {}
+    for group in groups:
+        firsts.setdefault(group[0], group)
+    fig, axes = plt.subplots(1, len(firsts), figsize=(5.5 * len(firsts), 4), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, task in zip(axes[0], tasks):
-        names = [m for m in methods if main_runs(results, task, m)]
-        runs = [main_runs(results, task, m) for m in names]
+    for ax, (task, group) in zip(axes[0], firsts.items()):
+        names = [x for x in labels_of(results, group, labels) if x in labels]
+        runs = [main_runs(results, group, x) for x in names]
         mib = [statistics.fmean(r["state_bytes"] for r in rs) / 2**20 for rs in runs]
         full = runs[0][0]["adamw_bytes"] / 2**20 if runs else 1.0
-        bars = ax.bar(range(len(names)), mib, color=[colors[methods.index(m) % len(colors)] for m in names])
+        bars = ax.bar(range(len(names)), mib, color=[colors[METHODS.index(base_of(x)) % len(colors)] for x in names])
         ax.bar_label(bars, [f"{v / full:.2f}x" for v in mib], fontsize=8)
         ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
         ax.set(title=f"{task}: optimizer state after training", ylabel="MiB (label: x AdamW full rank)")
@@ -702,15 +972,22 @@ def write_outputs(results: list[dict], args: argparse.Namespace, env: dict[str, 
         unet_widths=list(UNET_WIDTHS),
         lr=LR,
         weight_decay=WEIGHT_DECAY,
+        lr_adam=args.lr_adam,
+        wd_adam=args.wd_adam,
         coap=COAP,
         galore=GALORE,
+        include=args.include,
+        tag=args.tag,
     )
-    sweep = sweep_rows(results, args.sweep_seeds, args.steps["unet"]) if args.sweep else []
-    payload = dict(env, settings=settings, results=results, sweep=sweep)
+    sweep = sweep_rows(results, args.sweep_seeds, args.steps["unet"], args.label_tag) if args.sweep else []
+    groups = groups_of(results)
+    frontier = {heading(g, args): frontier_points(results, g, args.labels) for g in groups}
+    payload = dict(env, settings=settings, results=results, sweep=sweep, frontier=frontier)
     (out / "quality.json").write_text(json.dumps(payload, indent=1) + "\n")
-    for task in args.tasks:
-        plot_task(results, task, args.methods, out / f"quality_{task}.png")
-    plot_memory(results, args.tasks, args.methods, out / "memory.png")
+    for group in groups:
+        plot_task(results, group, args.labels, out / f"quality_{slug(group, args)}.png")
+    plot_frontier(results, groups, args.labels, out / "frontier.png")
+    plot_memory(results, groups, args.labels, out / "memory.png")
     return text
 
 
@@ -727,6 +1004,19 @@ def int_list(text: str) -> list[int]:
     return values
 
 
+def split_specs(text: str) -> list[str]:
+    """Comma-separated items, commas inside ``[...]`` kept: ``"AdamW,CoapAdamW[a=1,b=2]"``."""
+    items, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            items.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [x.strip() for x in items + [cur] if x.strip()]
+
+
 def choice_list(valid: list[str]):
     def parse(text: str) -> list[str]:
         values = [v.strip() for v in text.split(",") if v.strip()]
@@ -738,6 +1028,28 @@ def choice_list(valid: list[str]):
         return values
 
     return parse
+
+
+def method_list(text: str) -> list[str]:
+    specs = split_specs(text)
+    if not specs:
+        raise argparse.ArgumentTypeError(f"Invalid method list: {text!r} (empty)")
+    for spec in specs:
+        try:
+            parse_method(spec)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return specs
+
+
+def nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"Invalid value: {text!r} (must be a finite number >= 0)")
+    return value
 
 
 def positive(text: str) -> int:
@@ -755,7 +1067,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help=f"smoke test: 1 seed, {QUICK_STEPS} steps per task, no sweep")
     p.add_argument("--out", default="docs/results", help="folder for quality.md/json and the plots")
     p.add_argument("--tasks", type=choice_list(list(TASKS)), default=list(TASKS))
-    p.add_argument("--methods", type=choice_list(METHODS), default=list(METHODS))
+    p.add_argument(
+        "--methods",
+        type=method_list,
+        default=list(DEFAULT_METHODS),
+        help="comma-separated; a COAP method may carry optimizer options: CoapAdamW[restore_state=true,rank_ratio=8]",
+    )
     p.add_argument("--seeds", type=int_list, default=None, help="default 0,1,2 (--quick: 0)")
     p.add_argument("--steps-resnet", type=positive, default=None)
     p.add_argument("--steps-unet", type=positive, default=None)
@@ -779,6 +1096,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="full",
         help="full: 3x3 ratio x interval grid; plus: each ratio at T_u 32, each interval at ratio 4",
     )
+    p.add_argument("--lr-adam", type=nonnegative_float, default=None, help="Adam family lr (default 2e-3)")
+    p.add_argument("--wd-adam", type=nonnegative_float, default=None, help="Adam family weight decay (default 0.05)")
+    p.add_argument(
+        "--tag", default="", help="appended to the COAP methods' names, as ' (TAG)': runs of another version"
+    )
+    p.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        help="quality.json or runs.jsonl of an earlier invocation: its runs join the tables, and planned runs it "
+        "already holds are not run again (repeatable)",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -792,6 +1121,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.test_images = QUICK_EVAL_IMAGES if args.quick else None
     args.sweep = (not args.quick) if args.sweep is None else args.sweep
     args.sweep = args.sweep and "unet" in args.tasks
+    args.label_tag = f" ({args.tag})" if args.tag else ""
+    args.labels = [m + (args.label_tag if parse_method(m)[0] in COAP_METHODS else "") for m in args.methods]
+    for path in args.include:
+        if not Path(path).is_file():
+            p.error(f"--include: no such file: {path}")
     return args
 
 
@@ -802,7 +1136,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     env = environment(args)
     start = time.perf_counter()
-    results = run_all(plan(args), args.threads, args.jobs)
+    included = load_included(args.include)
+    have = {job_key(r) for r in included}
+    jobs = [j for j in plan(args) if job_key(j) not in have]
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    results = included + run_all(jobs, args.threads, args.jobs, Path(args.out) / "runs.jsonl")
     text = write_outputs(results, args, env)
     print(text, end="")
     print(f"total {time.perf_counter() - start:.0f} s", file=sys.stderr)
