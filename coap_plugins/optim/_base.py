@@ -1,20 +1,20 @@
 """What every COAP optimizer shares: routing, projector set-up and refreshes, state checks, telemetry.
 
 A subclass (Adam or Adafactor form) only says how moments are allocated and updated; the flow of
-one step for a projected parameter is here:
+one step for a projected parameter is here, in the order of supplementary Algorithms 1 and 2:
 
 1. ``G`` in fp32; the first usable gradient (finite, not all zero) sets the projector up, and
    until then the layer only takes weight decay;
-2. ``core = project(G)`` with the projector in use;
+2. ``core = project(G)`` with the projector in use (``G P_{t-1}``);
 3. when a refresh is due (own schedule, or requested by a framework adapter) and ``core`` is
-   finite, the new projector is computed from ``G``, the reused ``core`` and the moment before
-   this step: a correlation-aware step or the low-cost SVD;
-4. moments updated with ``core``; the update is projected back with the projector that
-   ``core`` and the moments live in, and applied;
-5. the new projector takes over from the next step (``restore_state`` carries the moments into
-   it).  Applying the refresh one step later is what lets one ``G P`` product serve both the
-   projection and the refresh, keeping a refresh step at about 1.5x an ordinary step instead of
-   2x; the sequence of projectors is the one Algorithm 1 computes.
+   finite, the new projector ``P_t`` is computed from ``G``, that ``core`` (reused: the refresh
+   needs ``G P_{t-1}`` anyway) and the moment before this step (``M_{t-1}``): a
+   correlation-aware step or the low-cost SVD.  A recalibrated basis is laid onto the old one
+   (``basis_alignment``), ``restore_state`` carries the moments into it, and ``G`` is projected
+   again with ``P_t``: this step's update already uses the new basis, as Algorithm 1 does (one
+   more projection on refresh steps only);
+4. moments updated with ``core``; the update is projected back with the projector ``core`` and
+   the moments live in, and applied.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from .._checks import (
     check_ratio,
 )
 from ..projection import PROJECTION_KINDS, Projector
+from ..projection.linalg import BASIS_ALIGNMENTS, CORRELATION_LOSSES
 from ..projection.routing import PROJECTION_REASONS, policy_reason, route_in_group
 from ..schedule import ProjectionSchedule
 from ._storage import MomentStorage
@@ -120,6 +121,8 @@ class CoapOptimizer(Optimizer):
         if PROJECTION_REASONS in group:
             check_projection_reasons(group[PROJECTION_REASONS], len(group["params"]))
         check_choice("schedule", group["schedule"], ("optimizer", "external"))
+        check_choice("correlation_loss", group["correlation_loss"], CORRELATION_LOSSES)
+        check_choice("basis_alignment", group["basis_alignment"], BASIS_ALIGNMENTS)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -266,7 +269,6 @@ class CoapOptimizer(Optimizer):
                 refresh = schedule.refresh_at(state["step"] + 1)
         state["step"] += 1
         core, ctx = proj.project(state, g)
-        new = None
         if refresh != "none":
             start = time.perf_counter()
             # A non-finite gradient shows in the projection, and so does one with nothing in the
@@ -278,24 +280,34 @@ class CoapOptimizer(Optimizer):
             if not bool(torch.isfinite(energy) & (energy > _EMPTY_PROJECTION * total)):
                 skipped = "non-finite" if not bool(torch.isfinite(energy)) else "zero projected gradient"
             if skipped is None:
-                new, cos = proj.refresh(state, g, core, ctx, refresh, self._direction_moment(state, core))
+                new, cos = proj.refresh(
+                    state,
+                    g,
+                    core,
+                    ctx,
+                    refresh,
+                    self._direction_moment(state, core),
+                    group["correlation_loss"],
+                    group["basis_alignment"],
+                )
                 if all(_all_finite(t) for t in new.values()):
-                    # energy of G outside the subspace in use (exact for an orthonormal projector)
-                    captured = energy / total.clamp_min(1e-30)
+                    if group["restore_state"]:
+                        self._rotate_moments(state, proj, new)
+                    state.update(new)
+                    # Algorithm 1: this step's gradient is projected with the new projector
+                    core, ctx = proj.project(state, g)
+                    # energy of G outside the subspace now in use (exact for an orthonormal projector)
+                    captured = core.square().sum() / total.clamp_min(1e-30)
                     tel.update(refresh=refresh, step=state["step"], recon_error=(1 - captured).clamp_min(0).sqrt())
                     tel.pop("cos", None)
                     if cos is not None:
                         tel["cos"] = cos
                 else:
-                    new, skipped = None, "non-finite"
-            if new is None:
+                    skipped = "non-finite"
+            if skipped is not None:
                 tel.update(refresh=f"skipped ({skipped})", step=state["step"])
             self.last_refresh_seconds += time.perf_counter() - start
         self._update_projected(p, core, state, group, proj)
-        if new is not None:
-            if group["restore_state"]:
-                self._rotate_moments(state, proj, new)
-            state.update(new)
 
     def _decay_only(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         if group["weight_decay"] != 0 and group["lr"] is not None:

@@ -16,8 +16,11 @@ from typing import NamedTuple
 import torch
 
 __all__ = [
+    "BASIS_ALIGNMENTS",
+    "CORRELATION_LOSSES",
     "CORRELATION_LR",
     "CORRELATION_MAX_NORM",
+    "align_basis",
     "CorrelationResult",
     "correlation_grad",
     "correlation_loss",
@@ -30,6 +33,17 @@ __all__ = [
 # one SGD step of 0.1 on P (supplementary Sec. 1.1, "eta set to 0.1 by default").
 CORRELATION_LR = 0.1
 CORRELATION_MAX_NORM = 1.0
+# ``"paper"``: the loss of supplementary Eq. 2, whose reconstruction term is a mean over the m x n
+# entries, so its gradient scales with the gradient's magnitude squared (at RMS 1e-2 one step of
+# 0.1 moves P by about 1e-6).  ``"relative"``: the reconstruction term relative to the gradient's
+# mean square, ``||H P P^T - H||^2 / ||H||^2``, so the step is the same at every gradient scale.
+CORRELATION_LOSSES = ("paper", "relative")
+# How a recalibrated basis is laid onto the old one before the moments (kept in the old
+# coordinates) read it: ``"none"`` (as the decomposition returns it: each column's sign is an
+# arbitrary convention), ``"sign"`` (each new column flipped to point along its predecessor) or
+# ``"rotation"`` (the orthonormal basis of the new subspace nearest the old basis: orthogonal
+# Procrustes; it keeps the subspace and gives up the singular-vector order).
+BASIS_ALIGNMENTS = ("none", "sign", "rotation")
 
 # Row norms below this are clamped in the cosine, as torch.nn.functional.cosine_similarity does
 # (its default eps): a row of G that holds only rounding noise then adds almost nothing to the
@@ -68,7 +82,9 @@ def correlation_loss(h: torch.Tensor, p: torch.Tensor, m: torch.Tensor) -> torch
     return mse * (1 - cos)
 
 
-def correlation_grad(h: torch.Tensor, p: torch.Tensor, a: torch.Tensor, m: torch.Tensor) -> CorrelationResult:
+def correlation_grad(
+    h: torch.Tensor, p: torch.Tensor, a: torch.Tensor, m: torch.Tensor, loss: str = "paper"
+) -> CorrelationResult:
     """Closed form of dL/dP for ``L = MSE(H P P^T, H) * (1 - CosSim_rows(M P^T, H))``.
 
     With ``A = H P``, ``S = P^T P`` and ``K = H^T H``:
@@ -83,6 +99,10 @@ def correlation_grad(h: torch.Tensor, p: torch.Tensor, a: torch.Tensor, m: torch
 
     Both ``H^T`` terms share one product, so the cost is one ``H^T X`` (m n r multiply-adds)
     plus r x r algebra; ``A`` is the projection the optimizer already holds.
+
+    With ``loss="relative"`` the loss is divided by ``||H||^2 / (m n)`` (the MSE term becomes the
+    relative reconstruction error, the same at every gradient scale), and so is the gradient;
+    ``mse`` is the plain MSE either way.
     """
     rows, cols = h.shape
     s = p.T @ p
@@ -102,6 +122,9 @@ def correlation_grad(h: torch.Tensor, p: torch.Tensor, a: torch.Tensor, m: torch
 
     c_mse = 2.0 * (1 - cos) / (rows * cols)
     c_cos = mse / rows
+    if loss == "relative":  # L / (||H||^2 / (m n)): both terms scaled alike
+        rel = (rows * cols) / h_sq.clamp_min(_TINY)
+        c_mse, c_cos = c_mse * rel, c_cos * rel
     eye = torch.eye(s.shape[0], dtype=s.dtype, device=s.device)
     # One H^T product carries both terms: X = c_mse * A (S - 2I) - c_cos * (w1 * M)
     x = torch.addmm(m * w1[:, None], a, s - 2 * eye, beta=-c_cos, alpha=c_mse)
@@ -120,12 +143,30 @@ def correlation_step(
     *,
     lr: float = CORRELATION_LR,
     max_norm: float = CORRELATION_MAX_NORM,
+    loss: str = "paper",
 ) -> tuple[torch.Tensor, CorrelationResult]:
-    """One clipped gradient step on P; returns the new P (a new tensor) and the loss terms."""
-    res = correlation_grad(h, p, a, m)
+    """One clipped gradient step on P; returns the new P (a new tensor) and the loss terms.
+
+    ``loss`` is ``"paper"`` (supplementary Eq. 2) or ``"relative"`` (see :func:`correlation_grad`)."""
+    res = correlation_grad(h, p, a, m, loss)
     norm = torch.linalg.vector_norm(res.grad)
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     return torch.add(p, res.grad * scale, alpha=-lr), res
+
+
+def align_basis(old: torch.Tensor, new: torch.Tensor, mode: str) -> torch.Tensor:
+    """``new`` (n x r) laid onto ``old`` as ``mode`` says (see :data:`BASIS_ALIGNMENTS`); the span
+    of ``new`` is never changed.  ``"sign"`` flips the columns whose dot product with their
+    predecessor is negative; ``"rotation"`` returns ``new Q`` with ``Q = U V^T`` from the SVD of
+    the r x r ``new^T old`` (the orthonormal basis of span(new) nearest ``old`` in Frobenius norm).
+    """
+    if mode == "sign":
+        dots = (old * new).sum(dim=0)
+        return new * torch.where(dots < 0, -1.0, 1.0).to(new.dtype)
+    if mode == "rotation":
+        u, _, vh = torch.linalg.svd((new.T @ old).double())
+        return new @ (u @ vh).to(new.dtype)
+    return new
 
 
 def low_cost_svd(h: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

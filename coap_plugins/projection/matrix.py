@@ -6,7 +6,7 @@ from typing import Literal
 
 import torch
 
-from .linalg import correlation_step, low_cost_svd, random_orthonormal
+from .linalg import align_basis, correlation_step, low_cost_svd, random_orthonormal
 
 __all__ = ["MatrixProjector", "RefreshKind"]
 
@@ -104,19 +104,24 @@ class MatrixProjector:
         ctx: None,
         kind: RefreshKind,
         moment: torch.Tensor,
+        correlation_loss: str = "paper",
+        alignment: str = "none",
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """New projector tensors from this step's gradient; ``projected`` is ``H P`` (reused).
 
-        ``moment`` is the projected first moment before this step's update (``M_{t-1}``).
+        ``moment`` is the projected first moment before this step's update (``M_{t-1}``);
+        ``correlation_loss`` picks the correlation update's loss (``"paper"`` or ``"relative"``,
+        :func:`~coap_plugins.projection.linalg.correlation_grad`), ``alignment`` how a
+        recalibrated basis is laid onto the old one (:func:`~coap_plugins.projection.linalg.align_basis`).
         Also returns the direction term (mean row cosine of ``M P^T`` and ``H``) that a
         correlation update computes on its way, ``None`` for a recalibration.
         """
         h = self.tall(grad)
         if kind == "correlation":
-            new_p, res = correlation_step(h, state["proj"], projected, moment)
+            new_p, res = correlation_step(h, state["proj"], projected, moment, loss=correlation_loss)
             return {"proj": new_p}, res.cos
         new_p, _ = low_cost_svd(h, projected, self.rank)
-        return {"proj": new_p}, None
+        return {"proj": align_basis(state["proj"], new_p, alignment)}, None
 
     def rotate(self, core: torch.Tensor, state: dict, new: dict[str, torch.Tensor], squared: bool) -> torch.Tensor:
         """Carry a projected moment from the old basis into the new one (``restore_state``)."""

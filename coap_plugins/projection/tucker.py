@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from .linalg import correlation_step, low_cost_svd
+from .linalg import align_basis, correlation_step, low_cost_svd
 from .matrix import RefreshKind, setup_sketch
 
 __all__ = ["Tucker2Projector"]
@@ -149,12 +149,15 @@ class Tucker2Projector:
         ctx: torch.Tensor,
         kind: RefreshKind,
         moment: torch.Tensor,
+        correlation_loss: str = "paper",
+        alignment: str = "none",
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """Refresh both modes from this step's gradient, each as its own matrix problem.
 
         ``ctx`` is ``P_O^T G_(1)`` from :meth:`project`, i.e. ``(H_O P_O)^T``; ``moment`` the
-        core-shaped first moment before this step.  The output mode sees the moment restored
-        along the input mode, and vice versa.  Also returns the mean of the modes' direction
+        core-shaped first moment before this step; ``correlation_loss`` and ``alignment`` as for
+        :meth:`MatrixProjector.refresh`.  The output mode sees the moment restored along the
+        input mode, and vice versa.  Also returns the mean of the modes' direction
         terms for a correlation update, ``None`` for a recalibration.
         """
         problems = [
@@ -174,10 +177,10 @@ class Tucker2Projector:
         cosines = []
         for key, h, a, m, rank in problems:
             if kind == "correlation":
-                new[key], res = correlation_step(h, state[key], a, m)
+                new[key], res = correlation_step(h, state[key], a, m, loss=correlation_loss)
                 cosines.append(res.cos)
             else:
-                new[key], _ = low_cost_svd(h, a, rank)
+                new[key] = align_basis(state[key], low_cost_svd(h, a, rank)[0], alignment)
         return new, torch.stack(cosines).mean() if cosines else None
 
     def rotate(self, core: torch.Tensor, state: dict, new: dict[str, torch.Tensor], squared: bool) -> torch.Tensor:
