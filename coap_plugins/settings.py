@@ -16,6 +16,7 @@ from typing import Any
 
 from ._checks import (
     SettingError,
+    check_choice,
     check_min_numel,
     check_nonnegative,
     check_positive_int,
@@ -26,6 +27,12 @@ from ._checks import (
 from .optim import OPTIMIZERS, CoapOptimizer, get_optimizer_class
 from .policy import CoapPolicy
 from .projection import DEFAULT_MIN_CONV_NUMEL
+from .projection.linalg import (
+    BASIS_ALIGNMENTS,
+    CORRELATION_LOSSES,
+    DEFAULT_BASIS_ALIGNMENT,
+    DEFAULT_CORRELATION_LOSS,
+)
 from .schedule import ProjectionSchedule
 
 __all__ = ["CoapSettings", "parse_interval", "takes_settings", "translatable_names"]
@@ -73,6 +80,11 @@ class CoapSettings:
         update_interval: T_u, an int (optimizer steps) or ``"<N>ba"`` (default 32).
         reproject_factor: lambda, every lambda-th refresh is an SVD recalibration (default 5).
         restore_state: carry moments into a new basis (default False).
+        basis_alignment: how a recalibrated basis is laid onto the old one: ``"none"``,
+            ``"sign"`` or ``"rotation"`` (default ``"none"``).
+        correlation_loss: ``"paper"`` (supplementary Eq. 2) or ``"relative"`` (its reconstruction
+            term relative to the gradient's energy: the same step at every gradient scale)
+            (default ``"paper"``).
         seed: base seed of the projectors (default 0).
         lr, betas, eps, weight_decay: used only when there is no user optimizer to translate
             (defaults 1e-3, (0.9, 0.999), 1e-8, 1e-2); always validated: finite, ``lr``, ``eps``
@@ -90,6 +102,8 @@ class CoapSettings:
     update_interval: int | str = 32
     reproject_factor: int = 5
     restore_state: bool = False
+    basis_alignment: str = DEFAULT_BASIS_ALIGNMENT
+    correlation_loss: str = DEFAULT_CORRELATION_LOSS
     seed: int = 0
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
@@ -107,6 +121,8 @@ class CoapSettings:
             raise SettingError("eight_bit", f"{self.eight_bit!r} (must be True or False)")
         if not isinstance(self.restore_state, bool):
             raise SettingError("restore_state", f"{self.restore_state!r} (must be True or False)")
+        check_choice("basis_alignment", self.basis_alignment, BASIS_ALIGNMENTS)
+        check_choice("correlation_loss", self.correlation_loss, CORRELATION_LOSSES)
         check_rank(self.rank)
         check_ratio("rank_ratio_matrix", self.rank_ratio_matrix)
         check_ratio("rank_ratio_conv", self.rank_ratio_conv)
@@ -185,6 +201,8 @@ class CoapSettings:
             update_interval=self._interval,
             reproject_factor=self.reproject_factor,
             restore_state=self.restore_state,
+            basis_alignment=self.basis_alignment,
+            correlation_loss=self.correlation_loss,
             seed=self.seed,
         )
 

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["AdamW", "Adafactor", "CoapAdamW", "CoapAdafactor", "CoapAdamW8bit", "GaLoreAdamW", "AdamW8bit"]
+METHODS = ["AdamW", "Adafactor", "CoapAdamW", "CoapAdafactor", "CoapAdamW8bit", "GaLoreConvAdamW", "AdamW8bit"]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def run_script(name: str, out: Path) -> subprocess.CompletedProcess:
+def run_script(name: str, out: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / name), "--quick", "--out", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / name), "--quick", "--out", str(out), *args],
         capture_output=True,
         text=True,
         timeout=900,
@@ -44,9 +44,11 @@ def test_quality_quick_writes_tables_json_and_plots(tmp_path):
         assert table_methods(text, task) == METHODS
         assert (tmp_path / f"quality_{task}.png").read_bytes()[:8] == PNG
     assert (tmp_path / "memory.png").read_bytes()[:8] == PNG
+    assert (tmp_path / "frontier.png").read_bytes()[:8] == PNG
 
     data = json.loads((tmp_path / "quality.json").read_text())
     results = data["results"]
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == len(results)
     assert sorted((r["task"], r["method"], r["seed"]) for r in results) == sorted(
         (task, method, 0) for task in ("resnet", "unet") for method in METHODS
     )
@@ -58,6 +60,49 @@ def test_quality_quick_writes_tables_json_and_plots(tmp_path):
     # torch AdamW: two fp32 moments per element, plus a 4-byte step tensor per parameter tensor
     assert 0 <= adamw["state_bytes"] - adamw["adamw_bytes"] <= 4 * 200
     assert coap["state_bytes"] < 0.4 * adamw["state_bytes"]
+    # GaLore with its convs flattened projects the UNet's convs: far below AdamW's state
+    assert by["unet", "GaLoreConvAdamW"]["state_bytes"] < 0.4 * by["unet", "AdamW"]["state_bytes"]
+    frontier = data["frontier"]["unet"]
+    assert [pt["label"] for pt in frontier] == METHODS
+    assert all(pt["seeds"] == 1 and pt["std"] == 0.0 for pt in frontier)
+
+    # a later invocation includes these runs: only the new method variant runs
+    again = tmp_path / "again"
+    proc = run_script(
+        "quality.py",
+        again,
+        "--tasks",
+        "unet",
+        "--methods",
+        "AdamW,CoapAdamW,CoapAdamW[basis_alignment=sign,rank_ratio=8]",
+        "--include",
+        str(tmp_path / "runs.jsonl"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("] unet ") == 1 and "CoapAdamW[basis_alignment=sign,rank_ratio=8]" in proc.stderr
+    text = (again / "quality.md").read_text()
+    labels = table_methods(text, "unet")
+    assert labels[:3] == ["AdamW", "CoapAdamW", "CoapAdamW[basis_alignment=sign,rank_ratio=8]"]
+    assert set(labels) == set(METHODS) | {"CoapAdamW[basis_alignment=sign,rank_ratio=8]"}
+    rows = json.loads((again / "quality.json").read_text())["results"]
+    ratio8 = next(r for r in rows if r["label"].endswith("rank_ratio=8]"))
+    assert ratio8["state_bytes"] < by["unet", "CoapAdamW"]["state_bytes"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--methods", "AdamW,Lion"], "Invalid method: 'Lion'"),
+        (["--methods", "AdamW[restore_state=true]"], "options are Coap"),
+        (["--methods", "CoapAdamW[restore_state]"], "expected key=value"),
+        (["--lr-adam", "-1"], "Invalid value: '-1'"),
+        (["--include", "/nonexistent/runs.jsonl"], "no such file"),
+    ],
+)
+def test_quality_bad_arguments_are_refused_before_any_run(tmp_path, args, message):
+    proc = run_script("quality.py", tmp_path, *args)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "runs.jsonl").exists()
 
 
 @pytest.mark.slow

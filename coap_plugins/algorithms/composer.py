@@ -140,7 +140,8 @@ class CoapAlgorithm(DrivenAdapter, Algorithm):
         **settings: every other :class:`~coap_plugins.settings.CoapSettings` field, declared and
             validated there once (``eight_bit``, ``rank``, ``rank_ratio_matrix``,
             ``rank_ratio_conv`` or its alias ``rank_ratio_cnn``, ``min_conv_numel``, ``exclude``,
-            ``policy``, ``update_interval``, ``reproject_factor``, ``restore_state``, ``seed``, and
+            ``policy``, ``update_interval``, ``reproject_factor``, ``restore_state``,
+            ``basis_alignment``, ``correlation_loss``, ``seed``, and
             ``lr``, ``betas``, ``eps``, ``weight_decay`` for when there is no user optimizer);
             ``inspect.signature`` lists them with their types and defaults.
         on_foreign_checkpoint: ``"error"`` or ``"fresh"`` when resuming a checkpoint written

@@ -9,6 +9,7 @@ import torch
 
 from .._checks import check_lr, check_nonnegative, conv_ratio_alias
 from ..projection import DEFAULT_MIN_CONV_NUMEL, Projector
+from ..projection.linalg import DEFAULT_BASIS_ALIGNMENT, DEFAULT_CORRELATION_LOSS
 from ._base import CoapOptimizer, coap_defaults
 from .adamw import ParamsT
 
@@ -16,7 +17,19 @@ __all__ = ["CoapAdafactor", "adafactor_direction"]
 
 
 def _as_matrix(t: torch.Tensor) -> torch.Tensor:
-    """2-D view used for factoring: (first dim, everything else)."""
+    """2-D view used for factoring: (first dim, everything else).
+
+    A tensor with 3 or more dims is factored as the matrix (first dim, the rest), as
+    supplementary Algorithm 1 factors its projected gradient (row sums over the last axis,
+    column sums over the first).  For COAP's Tucker-2 core ``(r_O, k, r_I)`` this keeps one
+    statistic per output-mode direction and one per (kernel position, input-mode direction):
+    ``r_O + k r_I`` numbers, the factorization of the core's mode-1 unfolding, the same
+    unfolding its output projector is built from.  Hugging Face's Adafactor factors the last two
+    dims instead (``(r_O, k)`` rows and ``(r_O, r_I)`` columns, ``r_O (k + r_I)`` numbers) and
+    timm's the two largest: more state, and for a full-rank ``O x I x 3 x 3`` conv under the
+    last-two rule, 6 of every 9 elements' worth of statistics.  The first moment (``r_O k r_I``)
+    dominates COAP-Adafactor's state either way.
+    """
     return t.reshape(t.shape[0], -1)
 
 
@@ -83,7 +96,8 @@ class CoapAdafactor(CoapOptimizer):
         relative_step: time-dependent step size; defaults to ``lr is None``.
         warmup_init: warm the relative step up from 0 (default False; needs ``relative_step``).
         rank, rank_ratio_matrix, rank_ratio_conv, update_interval, reproject_factor,
-        restore_state, min_conv_numel, seed, rank_ratio_cnn: as :class:`~coap_plugins.CoapAdamW`.  With
+        restore_state, basis_alignment, correlation_loss, min_conv_numel, seed, rank_ratio_cnn: as
+            :class:`~coap_plugins.CoapAdamW`.  With
             ``restore_state`` the first moment is carried into the new basis; the factored
             second moment (row and column means) is kept as it is.
 
@@ -113,8 +127,8 @@ class CoapAdafactor(CoapOptimizer):
         update_interval: int = 32,
         reproject_factor: int = 5,
         restore_state: bool = False,
-        basis_alignment: str = "none",
-        correlation_loss: str = "paper",
+        basis_alignment: str = DEFAULT_BASIS_ALIGNMENT,
+        correlation_loss: str = DEFAULT_CORRELATION_LOSS,
         min_conv_numel: int = DEFAULT_MIN_CONV_NUMEL,
         seed: int = 0,
         rank_ratio_cnn: float | None = None,

@@ -8,6 +8,7 @@ import torch
 
 from .._checks import check_lr, check_nonnegative, conv_ratio_alias
 from ..projection import DEFAULT_MIN_CONV_NUMEL, Projector
+from ..projection.linalg import DEFAULT_BASIS_ALIGNMENT, DEFAULT_CORRELATION_LOSS
 from ._base import CoapOptimizer, coap_defaults
 
 __all__ = ["CoapAdamW", "adam_moments", "adam_update_scale"]
@@ -60,6 +61,15 @@ class CoapAdamW(CoapOptimizer):
         reproject_factor: lambda, every lambda-th refresh is a low-cost SVD (default 5).
         restore_state: carry the moments into the new basis when the projector changes
             (default False, as the reference).
+        basis_alignment: how a recalibrated (SVD) basis is laid onto the old one before the
+            moments read it: ``"none"`` (as the decomposition returns it; each column's sign is
+            an arbitrary convention), ``"sign"`` (each new column flipped to point along its
+            predecessor) or ``"rotation"`` (the orthonormal basis of the new subspace nearest
+            the old one) (default ``"none"``).
+        correlation_loss: the correlation update's loss: ``"paper"`` (supplementary Eq. 2, whose
+            reconstruction term is a mean over the entries, so its step shrinks with the square
+            of the gradient's scale) or ``"relative"`` (that term relative to the gradient's
+            energy: the same step at every gradient scale) (default ``"paper"``).
         min_conv_numel: convs with at most this many elements stay full rank (default 9216).
         seed: base seed of the projectors' random starts (default 0).
 
@@ -84,8 +94,8 @@ class CoapAdamW(CoapOptimizer):
         update_interval: int = 32,
         reproject_factor: int = 5,
         restore_state: bool = False,
-        basis_alignment: str = "none",
-        correlation_loss: str = "paper",
+        basis_alignment: str = DEFAULT_BASIS_ALIGNMENT,
+        correlation_loss: str = DEFAULT_CORRELATION_LOSS,
         min_conv_numel: int = DEFAULT_MIN_CONV_NUMEL,
         seed: int = 0,
         rank_ratio_cnn: float | None = None,

@@ -20,6 +20,8 @@ __all__ = [
     "CORRELATION_LOSSES",
     "CORRELATION_LR",
     "CORRELATION_MAX_NORM",
+    "DEFAULT_BASIS_ALIGNMENT",
+    "DEFAULT_CORRELATION_LOSS",
     "align_basis",
     "CorrelationResult",
     "correlation_grad",
@@ -44,6 +46,8 @@ CORRELATION_LOSSES = ("paper", "relative")
 # ``"rotation"`` (the orthonormal basis of the new subspace nearest the old basis: orthogonal
 # Procrustes; it keeps the subspace and gives up the singular-vector order).
 BASIS_ALIGNMENTS = ("none", "sign", "rotation")
+DEFAULT_BASIS_ALIGNMENT = "none"
+DEFAULT_CORRELATION_LOSS = "paper"
 
 # Row norms below this are clamped in the cosine, as torch.nn.functional.cosine_similarity does
 # (its default eps): a row of G that holds only rounding noise then adds almost nothing to the

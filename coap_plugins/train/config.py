@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..projection import DEFAULT_MIN_CONV_NUMEL
+from ..projection.linalg import DEFAULT_BASIS_ALIGNMENT, DEFAULT_CORRELATION_LOSS
 
 __all__ = [
     "CheckpointConfig",
@@ -160,6 +161,8 @@ class CoapConfig:
     update_interval: int = 32
     reproject_factor: int = 5
     restore_state: bool = False
+    basis_alignment: str = DEFAULT_BASIS_ALIGNMENT
+    correlation_loss: str = DEFAULT_CORRELATION_LOSS
     seed: int = 0
 
 
