@@ -21,8 +21,12 @@ Optimizers (the names in the tables): ``AdamW`` (torch), ``Adafactor`` (timm, ``
 0.999)`` so it keeps a first moment), ``CoapAdamW``, ``CoapAdafactor`` (``beta1=0.9,
 relative_step=False``), ``CoapAdamW8bit``, ``GaLoreAdamW`` (galore-torch: each 2-D weight in its own
 group at ``rank = min(shape) // 4``, ``update_proj_gap=200, scale=0.25, proj_type="std"``; all
-other tensors, convs included, in a plain group, since GaLore projects matrices only) and
-``AdamW8bit`` (bitsandbytes, its CPU path).  COAP runs at ``rank_ratio_matrix=4,
+other tensors, convs included, in a plain group, since GaLore projects matrices only; not in the
+default set), ``GaLoreConvAdamW`` (the same, and every conv weight projected too, its gradient
+seen as the (O, I*k1*k2) matrix, at rank min(O, I*k1*k2) // 4: GaLore on the layers COAP
+projects) and ``AdamW8bit`` (bitsandbytes, its CPU path).  A COAP method may carry optimizer
+options in brackets, e.g. ``CoapAdamW[restore_state=true,basis_alignment=sign]`` or
+``CoapAdamW8bit[rank_ratio=8]``: each spec is its own row.  COAP runs at ``rank_ratio_matrix=4,
 rank_ratio_conv=4, update_interval=32, reproject_factor=5``; on the UNet with
 ``min_conv_numel=0`` so its small convs are projected too; on the ResNet with the defaults (the
 optimizer routes every tensor itself).  Learning rates: 2e-3 for the Adam family on both tasks;
@@ -52,9 +56,20 @@ CoapAdamW at rank ratio {2, 4, 8} x update interval {8, 32, 128} (reproject fact
 (``--sweep-seeds``); held-out MSE and state bytes relative to AdamW's result for the same seed.
 Runs the main table already holds (CoapAdamW at 4 / 32, AdamW) are reused, not run again.
 
+Paired differences: for each seed, a method's metric over AdamW's of the same seed (and, for
+the Adafactor family, over Adafactor's), minus 1, with mean and std over the seeds: the seed
+noise common to both cancels.  ``--lr-adam`` / ``--wd-adam`` set the Adam family's lr and weight
+decay (default 2e-3 / 0.05; DDPM's own are 2e-4 / 0.01); tables are per (task, setting, steps).
+
 Outputs in ``--out`` (default docs/results): ``quality.md`` (also printed), ``quality.json`` (all
-raw results), ``quality_<task>.png`` (learning curves, mean over seeds) and ``memory.png``
-(optimizer-state bytes per method and task).  ``--quick`` is a smoke test: 1 seed, 6 steps per
+raw results and the frontier points), ``runs.jsonl`` (each run appended as it finishes),
+``quality_<task>.png`` (learning curves, mean over seeds), ``frontier.png`` (the memory-quality
+frontier: x = optimizer state / AdamW's, y = metric / AdamW's paired by seed, error bars = std
+over seeds, one panel per task and setting) and ``memory.png`` (optimizer-state bytes per method
+and task).  ``--include FILE`` (repeatable) merges the runs of earlier invocations (their
+quality.json or runs.jsonl) into the tables, and a planned run they already hold is not run
+again; ``--tag NAME`` appends `` (NAME)`` to the COAP methods' labels (to compare another version
+of the package, run from its own checkout).  ``--quick`` is a smoke test: 1 seed, 6 steps per
 task, eval at the end on the first 64 test images, no sweep, 2 runs at a time; it writes the same
 files.  ``--jobs N`` runs N workers at a time (default 1; above 1 the step times and their
 ratios are not comparable).
@@ -62,9 +77,10 @@ ratios are not comparable).
 The full run (21 ResNet runs, 21 UNet runs, 8 more sweep runs, one at a time) takes roughly
 3.5 hours on 2 shared cores (a ResNet run about 1.5-2.5 minutes, a UNet run about 6 minutes).
 
-    python benchmarks/quality.py [--quick] [--out DIR] [--tasks resnet,unet] [--methods A,B]
+    python benchmarks/quality.py [--quick] [--out DIR] [--tasks resnet,unet] [--methods A,B[k=v]]
         [--seeds 0,1,2] [--steps-resnet N] [--steps-unet N] [--threads N] [--jobs N]
-        [--sweep | --no-sweep] [--sweep-seeds 0]
+        [--sweep | --no-sweep] [--sweep-seeds 0] [--lr-adam LR] [--wd-adam WD] [--tag NAME]
+        [--include FILE]...
 """
 
 from __future__ import annotations
