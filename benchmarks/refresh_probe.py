@@ -140,7 +140,8 @@ def main() -> None:
             med = [statistics.median(v[i] for v in vals) for i in range(5)]
             flipped = f"{100 * statistics.fmean(v[2] for v in vals):.0f} %" if kind == "svd" else "-"
             print(
-                f"| {text} | {kind} | {len(vals)} | {med[0]:.2e} | {med[1]:.2e} | {flipped} | {med[3]:.3f} |",
+                f"| {text} | {kind} | {len(vals)} | {med[0]:.2e} | {med[1]:.2e} | {flipped} | "
+                f"{med[3]:.3f} | {med[4]:.3f} |",
                 flush=True,
             )
 
