@@ -68,8 +68,9 @@ frontier: x = optimizer state / AdamW's, y = metric / AdamW's paired by seed, er
 over seeds, one panel per task and setting) and ``memory.png`` (optimizer-state bytes per method
 and task).  ``--include FILE`` (repeatable) merges the runs of earlier invocations (their
 quality.json or runs.jsonl) into the tables, and a planned run they already hold is not run
-again; ``--tag NAME`` appends `` (NAME)`` to the COAP methods' labels (to compare another version
-of the package, run from its own checkout).  ``--quick`` is a smoke test: 1 seed, 6 steps per
+again (``--report-only``: nothing is run, the tables show the included runs alone);
+``--tag NAME`` appends `` (NAME)`` to the COAP methods' labels (to compare another version of
+the package, run from its own checkout).  ``--quick`` is a smoke test: 1 seed, 6 steps per
 task, eval at the end on the first 64 test images, no sweep, 2 runs at a time; it writes the same
 files.  ``--jobs N`` runs N workers at a time (default 1; above 1 the step times and their
 ratios are not comparable).
@@ -1124,6 +1125,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="quality.json or runs.jsonl of an earlier invocation: its runs join the tables, and planned runs it "
         "already holds are not run again (repeatable)",
     )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: write the tables and plots of the --include files alone",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -1142,6 +1148,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for path in args.include:
         if not Path(path).is_file():
             p.error(f"--include: no such file: {path}")
+    if args.report_only and not args.include:
+        p.error("--report-only needs at least one --include")
     return args
 
 
@@ -1154,7 +1162,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     included = load_included(args.include)
     have = {job_key(r) for r in included}
-    jobs = [j for j in plan(args) if job_key(j) not in have]
+    jobs = [] if args.report_only else [j for j in plan(args) if job_key(j) not in have]
     Path(args.out).mkdir(parents=True, exist_ok=True)
     results = included + run_all(jobs, args.threads, args.jobs, Path(args.out) / "runs.jsonl")
     text = write_outputs(results, args, env)
