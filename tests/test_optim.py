@@ -62,22 +62,30 @@ def test_routing_of_the_test_shapes():
     assert (one_by_one.rank_out, one_by_one.rank_in) == (8, None)
 
 
+RESUME_SETTINGS = [
+    {"restore_state": False},
+    {"restore_state": True},
+    {"restore_state": True, "basis_alignment": "rotation", "correlation_loss": "relative"},
+    {"basis_alignment": "sign", "correlation_loss": "relative"},
+]
+
+
 @pytest.mark.parametrize("cls", OPTIMIZERS)
-@pytest.mark.parametrize("restore_state", [False, True])
-def test_exact_resume_across_refreshes(cls, restore_state, tmp_path):
+@pytest.mark.parametrize("settings", RESUME_SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+def test_exact_resume_across_refreshes(cls, settings, tmp_path):
     ref = make_params()
-    opt = make_opt(cls, ref, restore_state=restore_state)
+    opt = make_opt(cls, ref, **settings)
     run(opt, ref, 0, 9)  # set-up at 1, correlation at 3, 7 and SVD at 5, 9 (per-layer steps 2, 4, 6, 8)
 
     resumed = make_params()
-    opt1 = make_opt(cls, resumed, restore_state=restore_state)
+    opt1 = make_opt(cls, resumed, **settings)
     run(opt1, resumed, 0, 4)
     path = tmp_path / "opt.pt"
     torch.save({"opt": opt1.state_dict(), "params": {k: v.detach().clone() for k, v in resumed.items()}}, path)
 
     ckpt = torch.load(path, weights_only=True)
     fresh = {k: nn.Parameter(v) for k, v in ckpt["params"].items()}
-    opt2 = make_opt(cls, fresh, restore_state=restore_state)
+    opt2 = make_opt(cls, fresh, **settings)
     opt2.load_state_dict(ckpt["opt"])
     run(opt2, fresh, 4, 9)
     for k in SHAPES:
@@ -483,6 +491,36 @@ def test_state_saved_without_newer_group_keys_still_loads():
     opt2.load_state_dict(sd)
     assert opt2.param_groups[0]["schedule"] == "optimizer" and opt2.param_groups[0]["pending_refresh"] == "none"
     run(opt2, params, 2, 4)  # and it steps
+
+
+def test_optimizer_pickled_before_the_refresh_settings_keeps_stepping():
+    """A whole optimizer pickled by a version without ``basis_alignment`` / ``correlation_loss``
+    (neither in its ``defaults`` nor in its groups) unpickles with the behaviour it had."""
+    import pickle
+
+    params = make_params()
+    opt = make_opt(CoapAdamW, params)
+    run(opt, params, 0, 2)
+    state = opt.__getstate__()
+    for key in ("basis_alignment", "correlation_loss"):
+        del state["defaults"][key]
+        for group in state["param_groups"]:
+            del group[key]
+    state["_owned_keys"] = tuple(k for k in state["_owned_keys"] if k not in ("basis_alignment", "correlation_loss"))
+    old = CoapAdamW.__new__(CoapAdamW)
+    old.__setstate__(state)
+    copy = pickle.loads(pickle.dumps(old))
+    assert copy.defaults["basis_alignment"] == "none" and copy.defaults["correlation_loss"] == "paper"
+    assert all(g["correlation_loss"] == "paper" for g in copy.param_groups)
+    twin = make_params()
+    twin_opt = make_opt(CoapAdamW, twin)
+    run(twin_opt, twin, 0, 2)
+    names = [k for k in SHAPES if k != "small_conv"] + ["small_conv"]  # make_opt's order
+    copied = dict(zip(names, [q for g in copy.param_groups for q in g["params"]]))  # the copy's own tensors
+    run(copy, copied, 2, 6)  # through a correlation update and an SVD refresh
+    run(twin_opt, twin, 2, 6)  # an optimizer of today with the default settings
+    for k in SHAPES:
+        assert torch.equal(copied[k], twin[k]), k
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS)

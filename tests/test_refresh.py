@@ -142,6 +142,9 @@ def test_alignment_is_free_when_moments_are_carried():
     _, _, opt_none, w_none = _two_refreshes("none", restore_state=True)
     _, _, opt_sign, w_sign = _two_refreshes("sign", restore_state=True)
     torch.testing.assert_close(w_sign.detach(), w_none.detach(), rtol=1e-5, atol=1e-6)
+    # a rotation within the subspace is not: the second moment is carried by the squared rotation
+    _, _, _, w_rot = _two_refreshes("rotation", restore_state=True)
+    assert _rel(w_rot.detach(), w_none.detach()) > 1e-4
 
 
 def test_relative_correlation_loss_takes_the_same_step_at_every_gradient_scale():

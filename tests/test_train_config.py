@@ -107,7 +107,10 @@ def test_wrong_types_name_the_key(tmp_path):
         ("max_duration=10", r"Invalid max_duration: '10' \(expected a positive number of batches or epochs"),
         ("data.batch_size=0", r"Invalid data.batch_size: 0 \(must be >= 1\)"),
         ("coap.rank_ratio_conv=0.5", r"Invalid coap.rank_ratio_conv: 0.5 \(must be a finite number >= 1, or None\)"),
-        ("coap.basis_alignment=flip", r"Invalid coap.basis_alignment: 'flip' \(expected 'none', 'sign' or 'rotation'\)"),
+        (
+            "coap.basis_alignment=flip",
+            r"Invalid coap.basis_alignment: 'flip' \(expected 'none', 'sign' or 'rotation'\)",
+        ),
         ("coap.correlation_loss=mse", r"Invalid coap.correlation_loss: 'mse' \(expected 'paper' or 'relative'\)"),
         ("optimizer.betas=[0.9]", r"Invalid optimizer.betas: \[0.9\] \(expected two numbers in \[0, 1\)\)"),
         ("task.name=ddpm", r"Invalid model.name / task.name: 'resnet18' with 'ddpm'"),

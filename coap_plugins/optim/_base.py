@@ -39,7 +39,12 @@ from .._checks import (
     check_ratio,
 )
 from ..projection import PROJECTION_KINDS, Projector
-from ..projection.linalg import BASIS_ALIGNMENTS, CORRELATION_LOSSES
+from ..projection.linalg import (
+    BASIS_ALIGNMENTS,
+    CORRELATION_LOSSES,
+    DEFAULT_BASIS_ALIGNMENT,
+    DEFAULT_CORRELATION_LOSS,
+)
 from ..projection.routing import PROJECTION_REASONS, policy_reason, route_in_group
 from ..schedule import ProjectionSchedule
 from ._storage import MomentStorage
@@ -49,6 +54,9 @@ __all__ = ["CoapOptimizer", "COAP_GROUP_KEYS", "coap_defaults"]
 # Settings that decide the shapes of the state: a checkpoint must agree on them to be loaded.
 COAP_GROUP_KEYS = ("projection", "rank", "rank_ratio_matrix", "rank_ratio_conv", "min_conv_numel")
 _PROJECTOR_KEYS = ("proj", "proj_out", "proj_in")
+# Settings added after the first release, with the behaviour an optimizer pickled before them had:
+# a whole optimizer pickled then (``torch.save(opt)``, ``deepcopy``) lacks them in ``defaults`` too.
+_LATER_SETTINGS = {"basis_alignment": DEFAULT_BASIS_ALIGNMENT, "correlation_loss": DEFAULT_CORRELATION_LOSS}
 
 
 def param_seed(base: int, shape: tuple[int, ...], name: str | None, index: int) -> int:
@@ -148,6 +156,10 @@ class CoapOptimizer(Optimizer):
         super().__setstate__(state)
         if "_owned_keys" not in self.__dict__:  # pickled by an older version
             self._owned_keys = tuple(k for k in self.defaults if k != "differentiable")
+        for key, value in _LATER_SETTINGS.items():  # pickled before these settings existed
+            if key not in self.defaults:
+                self.defaults[key] = value
+                self._owned_keys += (key,)
         for group in self.param_groups:  # groups pickled or saved by an older version
             for key in self._owned_keys:
                 group.setdefault(key, self.defaults[key])
@@ -296,7 +308,8 @@ class CoapOptimizer(Optimizer):
                     state.update(new)
                     # Algorithm 1: this step's gradient is projected with the new projector
                     core, ctx = proj.project(state, g)
-                    # energy of G outside the subspace now in use (exact for an orthonormal projector)
+                    # energy of G outside the subspace now in use (exact for an orthonormal
+                    # projector); the cosine term is the correlation loss's, at P_{t-1}
                     captured = core.square().sum() / total.clamp_min(1e-30)
                     tel.update(refresh=refresh, step=state["step"], recon_error=(1 - captured).clamp_min(0).sqrt())
                     tel.pop("cos", None)
