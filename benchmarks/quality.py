@@ -23,8 +23,9 @@ relative_step=False``), ``CoapAdamW8bit``, ``GaLoreAdamW`` (galore-torch: each 2
 group at ``rank = min(shape) // 4``, ``update_proj_gap=200, scale=0.25, proj_type="std"``; all
 other tensors, convs included, in a plain group, since GaLore projects matrices only; not in the
 default set), ``GaLoreConvAdamW`` (the same, and every conv weight projected too, its gradient
-seen as the (O, I*k1*k2) matrix, at rank min(O, I*k1*k2) // 4: GaLore on the layers COAP
-projects) and ``AdamW8bit`` (bitsandbytes, its CPU path).  A COAP method may carry optimizer
+seen as the (O, I*k1*k2) matrix, at rank min(O, I*k1*k2) // 4: on the UNet, where COAP projects
+every conv, GaLore on the layers COAP projects; on the ResNet it also projects the few convs
+below COAP's ``min_conv_numel``) and ``AdamW8bit`` (bitsandbytes, its CPU path).  A COAP method may carry optimizer
 options in brackets, e.g. ``CoapAdamW[restore_state=true,basis_alignment=sign]`` or
 ``CoapAdamW8bit[rank_ratio=8]``: each spec is its own row.  COAP runs at ``rank_ratio_matrix=4,
 rank_ratio_conv=4, update_interval=32, reproject_factor=5``; on the UNet with
@@ -539,7 +540,12 @@ def load_included(paths: list[str]) -> list[dict[str, Any]]:
         else:
             rows = json.loads(text)["results"]
         for r in rows:
+            # files written before labels and per-run settings: the defaults they ran with
             r.setdefault("label", r["method"])
+            fam = family(r["method"])
+            r.setdefault("lr", LR[r["task"]][fam])
+            r.setdefault("weight_decay", WEIGHT_DECAY[fam])
+            r.setdefault("setting", f"lr {LR[r['task']]['adam']:g}, wd {WEIGHT_DECAY['adam']:g}")
             found[job_key(r)] = r
     return list(found.values())
 
@@ -704,8 +710,11 @@ def task_table(results: list[dict], group: tuple[str, str, int], labels: list[st
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows]
 
 
-def sweep_rows(results: list[dict], seeds: list[int], steps: int, tag: str = "") -> list[dict[str, Any]]:
-    """One row per (seed, rank ratio, update interval) of the sweep, with ratios to AdamW's run."""
+def sweep_rows(
+    results: list[dict], seeds: list[int], steps: int, tag: str = "", setting: str | None = None
+) -> list[dict[str, Any]]:
+    """One row per (seed, rank ratio, update interval) of the sweep, with ratios to AdamW's run
+    (of the Adam-family ``setting`` when given)."""
 
     def find(label: str, seed: int, r: int = 4, t: int = 32) -> dict | None:
         return next(
@@ -714,6 +723,7 @@ def sweep_rows(results: list[dict], seeds: list[int], steps: int, tag: str = "")
                 for x in results
                 if x["task"] == "unet"
                 and x["label"] == label
+                and (setting is None or x.get("setting") == setting)
                 and (x["seed"], x["steps"], x["rank_ratio"], x["update_interval"]) == (seed, steps, r, t)
             ),
             None,
@@ -841,7 +851,9 @@ def markdown(results: list[dict], args: argparse.Namespace, env: dict[str, Any])
             "",
             "Reproject factor 5; ratios are relative to AdamW's result for the same seed.",
             "",
-            *sweep_table(sweep_rows(results, args.sweep_seeds, args.steps["unet"], args.label_tag)),
+            *sweep_table(
+                sweep_rows(results, args.sweep_seeds, args.steps["unet"], args.label_tag, setting_of("unet", args))
+            ),
             "",
         ]
     lines += [
@@ -996,7 +1008,11 @@ def write_outputs(results: list[dict], args: argparse.Namespace, env: dict[str, 
         include=args.include,
         tag=args.tag,
     )
-    sweep = sweep_rows(results, args.sweep_seeds, args.steps["unet"], args.label_tag) if args.sweep else []
+    sweep = (
+        sweep_rows(results, args.sweep_seeds, args.steps["unet"], args.label_tag, setting_of("unet", args))
+        if args.sweep
+        else []
+    )
     groups = groups_of(results)
     frontier = {heading(g, args): frontier_points(results, g, args.labels) for g in groups}
     payload = dict(env, settings=settings, results=results, sweep=sweep, frontier=frontier)
@@ -1053,9 +1069,14 @@ def method_list(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(f"Invalid method list: {text!r} (empty)")
     for spec in specs:
         try:
-            parse_method(spec)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
+            base, options = parse_method(spec)
+            if options:  # the optimizer itself checks names and values, before any run starts
+                import coap_plugins.optim as optim
+
+                job = dict(method=spec, rank_ratio=4, update_interval=32)
+                getattr(optim, base)([torch.nn.Parameter(torch.zeros(8, 8))], **coap_kwargs("resnet", job))
+        except (ValueError, TypeError) as e:
+            raise argparse.ArgumentTypeError(f"{spec}: {e}") from None
     return specs
 
 
@@ -1161,8 +1182,13 @@ def main(argv: list[str] | None = None) -> None:
     env = environment(args)
     start = time.perf_counter()
     included = load_included(args.include)
+    planned = plan(args)
+    main_keys = {job_key(j) for j in planned if not j["sweep"]}
+    for r in included:  # a run an earlier sweep made serves as this invocation's main run too
+        if job_key(r) in main_keys:
+            r["sweep"] = False
     have = {job_key(r) for r in included}
-    jobs = [] if args.report_only else [j for j in plan(args) if job_key(j) not in have]
+    jobs = [] if args.report_only else [j for j in planned if job_key(j) not in have]
     Path(args.out).mkdir(parents=True, exist_ok=True)
     results = included + run_all(jobs, args.threads, args.jobs, Path(args.out) / "runs.jsonl")
     text = write_outputs(results, args, env)

@@ -95,6 +95,8 @@ def test_quality_quick_writes_tables_json_and_plots(tmp_path):
         (["--methods", "AdamW,Lion"], "Invalid method: 'Lion'"),
         (["--methods", "AdamW[restore_state=true]"], "options are Coap"),
         (["--methods", "CoapAdamW[restore_state]"], "expected key=value"),
+        (["--methods", "CoapAdamW[basis_alignmnt=sign]"], "unexpected keyword argument 'basis_alignmnt'"),
+        (["--methods", "CoapAdamW8bit[basis_alignment=flip]"], "Invalid basis_alignment: 'flip'"),
         (["--lr-adam", "-1"], "Invalid value: '-1'"),
         (["--include", "/nonexistent/runs.jsonl"], "no such file"),
     ],
