@@ -491,8 +491,12 @@ def test_gradient_accumulation_refreshes_once_per_step(digits):
         # set-up projectors differ by 2.5e-3 (with no refresh at all the parameters differ by 1e-4
         # after 4 steps), and a recalibration can reorder near-equal directions.  Adam's per-
         # coordinate normalization in the projected basis then makes it show in the weights.  Not
-        # a wiring error (the refresh steps are the same): the bound is about one lr-sized step.
-        torch.testing.assert_close(runs[BATCH // 4][1][k], v, rtol=0, atol=3e-3)
+        # a wiring error (the refresh steps are the same).  Since a refresh's basis is used in its
+        # own step (Algorithm 1's order), the step at 6 already moves in it: measured 3.5e-3 at
+        # most (the 64x32x3x3 conv; 1.6 % of its norm), 4e-4 elsewhere.  Bounds: two lr-sized
+        # steps per entry, 3 % of each tensor's norm.
+        torch.testing.assert_close(runs[BATCH // 4][1][k], v, rtol=0, atol=4e-3)
+        assert float((runs[BATCH // 4][1][k] - v).norm() / v.norm()) < 0.03, k
 
 
 # -- distributed -----------------------------------------------------------------------------
