@@ -214,7 +214,7 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
 
 
 def family(method: str) -> str:
-    return "adafactor" if parse_method(method)[0] in ADAFACTOR_FAMILY else "adam"
+    return "adafactor" if parse_method(method.split(" (")[0])[0] in ADAFACTOR_FAMILY else "adam"
 
 
 def coap_kwargs(task: str, job: dict[str, Any]) -> dict[str, Any]:
@@ -461,7 +461,8 @@ def make_job(
     return dict(
         task=task,
         method=method,
-        label=method + (f" ({args.tag})" if args.tag and parse_method(method)[0] in COAP_METHODS else ""),
+        label=method
+        + (f" ({args.tag})" if args.tag and parse_method(method.split(" (")[0])[0] in COAP_METHODS else ""),
         seed=seed,
         steps=steps,
         test_images=args.test_images,
@@ -533,7 +534,8 @@ def load_included(paths: list[str]) -> list[dict[str, Any]]:
     """Results of earlier invocations (quality.json, or the runs.jsonl each invocation appends to
     as runs finish), the later file winning on a repeated run."""
     found: dict[tuple, dict[str, Any]] = {}
-    for path in paths:
+    for spec in paths:
+        path, _, tag = spec.partition("#")  # FILE#TAG: its COAP runs labelled " (TAG)"
         text = Path(path).read_text()
         if path.endswith(".jsonl"):
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -542,6 +544,8 @@ def load_included(paths: list[str]) -> list[dict[str, Any]]:
         for r in rows:
             # files written before labels and per-run settings: the defaults they ran with
             r.setdefault("label", r["method"])
+            if tag and base_of(r["label"]) in COAP_METHODS and r["label"] == r["method"]:
+                r["label"] = f"{r['method']} ({tag})"
             fam = family(r["method"])
             r.setdefault("lr", LR[r["task"]][fam])
             r.setdefault("weight_decay", WEIGHT_DECAY[fam])
@@ -1069,7 +1073,7 @@ def method_list(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(f"Invalid method list: {text!r} (empty)")
     for spec in specs:
         try:
-            base, options = parse_method(spec)
+            base, options = parse_method(spec.split(" (")[0])  # a label "SPEC (TAG)" names SPEC's runs
             if options:  # the optimizer itself checks names and values, before any run starts
                 import coap_plugins.optim as optim
 
@@ -1144,7 +1148,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         help="quality.json or runs.jsonl of an earlier invocation: its runs join the tables, and planned runs it "
-        "already holds are not run again (repeatable)",
+        "already holds are not run again (repeatable); FILE#TAG labels its COAP runs ' (TAG)'",
     )
     p.add_argument(
         "--report-only",
@@ -1165,8 +1169,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.sweep = (not args.quick and not args.report_only) if args.sweep is None else args.sweep
     args.sweep = args.sweep and "unet" in args.tasks
     args.label_tag = f" ({args.tag})" if args.tag else ""
-    args.labels = [m + (args.label_tag if parse_method(m)[0] in COAP_METHODS else "") for m in args.methods]
-    for path in args.include:
+    args.labels = [
+        m if " (" in m else m + (args.label_tag if parse_method(m)[0] in COAP_METHODS else "") for m in args.methods
+    ]
+    tagged = [m for m in args.methods if " (" in m]
+    if tagged and not args.report_only:
+        p.error(f"--methods: {tagged[0]!r} is the label of included runs: give it with --report-only")
+    for path in (x.partition("#")[0] for x in args.include):
         if not Path(path).is_file():
             p.error(f"--include: no such file: {path}")
     if args.report_only and not args.include:
