@@ -88,6 +88,24 @@ def test_quality_quick_writes_tables_json_and_plots(tmp_path):
     ratio8 = next(r for r in rows if r["label"].endswith("rank_ratio=8]"))
     assert ratio8["state_bytes"] < by["unet", "CoapAdamW"]["state_bytes"]
 
+    # the runs of an earlier version, labelled by a tag, in tables of their own: nothing is run
+    report = tmp_path / "report"
+    proc = run_script(
+        "quality.py",
+        report,
+        "--report-only",
+        "--tasks",
+        "unet",
+        "--methods",
+        "AdamW,CoapAdamW (old)",
+        "--include",
+        f"{tmp_path / 'runs.jsonl'}#old",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "] unet " not in proc.stderr and not (report / "runs.jsonl").exists()
+    labels = table_methods((report / "quality.md").read_text(), "unet")
+    assert labels[:2] == ["AdamW", "CoapAdamW (old)"] and "CoapAdamW8bit (old)" in labels and "AdamW8bit" in labels
+
 
 @pytest.mark.parametrize(
     "args,message",
@@ -99,6 +117,8 @@ def test_quality_quick_writes_tables_json_and_plots(tmp_path):
         (["--methods", "CoapAdamW8bit[basis_alignment=flip]"], "Invalid basis_alignment: 'flip'"),
         (["--lr-adam", "-1"], "Invalid value: '-1'"),
         (["--include", "/nonexistent/runs.jsonl"], "no such file"),
+        (["--report-only"], "--report-only needs at least one --include"),
+        (["--methods", "CoapAdamW (old)"], "is the label of included runs"),
     ],
 )
 def test_quality_bad_arguments_are_refused_before_any_run(tmp_path, args, message):
