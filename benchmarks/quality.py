@@ -194,7 +194,9 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
 
     Options are keyword arguments of a COAP optimizer (``rank_ratio`` and ``update_interval``
     set the rank ratios and T_u); values are JSON literals (``true``, ``0.5``) or bare strings.
+    A label ``"SPEC (TAG)"`` (runs of another version, see ``--tag``) parses as its ``SPEC``.
     """
+    spec = spec.split(" (")[0]
     base, _, rest = spec.partition("[")
     if base not in METHODS:
         raise ValueError(f"Invalid method: {base!r} (expected one of {', '.join(METHODS)})")
@@ -213,8 +215,21 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
     return base, options
 
 
+def base_of(label: str) -> str:
+    """The method a label names: ``"CoapAdamW[restore_state=true] (v1)"`` -> ``"CoapAdamW"``."""
+    return parse_method(label)[0]
+
+
 def family(method: str) -> str:
-    return "adafactor" if parse_method(method.split(" (")[0])[0] in ADAFACTOR_FAMILY else "adam"
+    return "adafactor" if base_of(method) in ADAFACTOR_FAMILY else "adam"
+
+
+def label_of(method: str, args: argparse.Namespace) -> str:
+    """The table label of ``method``'s runs in this invocation: a COAP method gets the ``--tag``;
+    a label that already carries one is kept."""
+    if " (" in method or base_of(method) not in COAP_METHODS:
+        return method
+    return method + args.label_tag
 
 
 def coap_kwargs(task: str, job: dict[str, Any]) -> dict[str, Any]:
@@ -461,8 +476,7 @@ def make_job(
     return dict(
         task=task,
         method=method,
-        label=method
-        + (f" ({args.tag})" if args.tag and parse_method(method.split(" (")[0])[0] in COAP_METHODS else ""),
+        label=label_of(method, args),
         seed=seed,
         steps=steps,
         test_images=args.test_images,
@@ -475,10 +489,11 @@ def make_job(
     )
 
 
-def setting_of(task: str, args: argparse.Namespace) -> str:
-    """The Adam family's lr and weight decay of a task's runs: the tables compare runs of one setting."""
-    lr = args.lr_adam if args.lr_adam is not None else LR[task]["adam"]
-    wd = args.wd_adam if args.wd_adam is not None else WEIGHT_DECAY["adam"]
+def setting_of(task: str, args: argparse.Namespace | None = None) -> str:
+    """The Adam family's lr and weight decay of a task's runs (``args``' or the defaults): the
+    tables compare runs of one setting."""
+    lr = args.lr_adam if args is not None and args.lr_adam is not None else LR[task]["adam"]
+    wd = args.wd_adam if args is not None and args.wd_adam is not None else WEIGHT_DECAY["adam"]
     return f"lr {lr:g}, wd {wd:g}"
 
 
@@ -549,7 +564,7 @@ def load_included(paths: list[str]) -> list[dict[str, Any]]:
             fam = family(r["method"])
             r.setdefault("lr", LR[r["task"]][fam])
             r.setdefault("weight_decay", WEIGHT_DECAY[fam])
-            r.setdefault("setting", f"lr {LR[r['task']]['adam']:g}, wd {WEIGHT_DECAY['adam']:g}")
+            r.setdefault("setting", setting_of(r["task"]))
             found[job_key(r)] = r
     return list(found.values())
 
@@ -634,11 +649,6 @@ def labels_of(results: list[dict], group: tuple[str, str, int], first: list[str]
     """Labels with main runs in ``group``: those of ``first`` in its order, then the others as found."""
     found = {r["label"]: None for r in results if main_runs(results, group, r["label"])}
     return [x for x in first if x in found] + [x for x in found if x not in first]
-
-
-def base_of(label: str) -> str:
-    """The method a label names: ``"CoapAdamW[restore_state=true] (v1)"`` -> ``"CoapAdamW"``."""
-    return parse_method(label.split(" (")[0])[0]
 
 
 def baseline_label(label: str) -> str:
@@ -825,7 +835,7 @@ def heading(group: tuple[str, str, int], args: argparse.Namespace) -> str:
     return f"{task} (Adam family {setting}, {steps} steps)"
 
 
-def markdown(results: list[dict], args: argparse.Namespace, env: dict[str, Any]) -> str:
+def markdown(results: list[dict], args: argparse.Namespace, env: dict[str, Any], sweep: list[dict]) -> str:
     lines = [
         "# Optimizer quality benchmark",
         "",
@@ -855,9 +865,7 @@ def markdown(results: list[dict], args: argparse.Namespace, env: dict[str, Any])
             "",
             "Reproject factor 5; ratios are relative to AdamW's result for the same seed.",
             "",
-            *sweep_table(
-                sweep_rows(results, args.sweep_seeds, args.steps["unet"], args.label_tag, setting_of("unet", args))
-            ),
+            *sweep_table(sweep),
             "",
         ]
     lines += [
@@ -993,7 +1001,12 @@ def write_outputs(results: list[dict], args: argparse.Namespace, env: dict[str, 
     matplotlib.use("Agg")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    text = markdown(results, args, env)
+    sweep = (
+        sweep_rows(results, args.sweep_seeds, args.steps["unet"], args.label_tag, setting_of("unet", args))
+        if args.sweep
+        else []
+    )
+    text = markdown(results, args, env, sweep)
     (out / "quality.md").write_text(text)
     settings = dict(
         tasks=args.tasks,
@@ -1011,11 +1024,6 @@ def write_outputs(results: list[dict], args: argparse.Namespace, env: dict[str, 
         galore=GALORE,
         include=args.include,
         tag=args.tag,
-    )
-    sweep = (
-        sweep_rows(results, args.sweep_seeds, args.steps["unet"], args.label_tag, setting_of("unet", args))
-        if args.sweep
-        else []
     )
     groups = groups_of(results)
     frontier = {heading(g, args): frontier_points(results, g, args.labels) for g in groups}
@@ -1073,7 +1081,7 @@ def method_list(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(f"Invalid method list: {text!r} (empty)")
     for spec in specs:
         try:
-            base, options = parse_method(spec.split(" (")[0])  # a label "SPEC (TAG)" names SPEC's runs
+            base, options = parse_method(spec)
             if options:  # the optimizer itself checks names and values, before any run starts
                 import coap_plugins.optim as optim
 
@@ -1169,9 +1177,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.sweep = (not args.quick and not args.report_only) if args.sweep is None else args.sweep
     args.sweep = args.sweep and "unet" in args.tasks
     args.label_tag = f" ({args.tag})" if args.tag else ""
-    args.labels = [
-        m if " (" in m else m + (args.label_tag if parse_method(m)[0] in COAP_METHODS else "") for m in args.methods
-    ]
+    args.labels = [label_of(m, args) for m in args.methods]
     tagged = [m for m in args.methods if " (" in m]
     if tagged and not args.report_only:
         p.error(f"--methods: {tagged[0]!r} is the label of included runs: give it with --report-only")

@@ -307,7 +307,7 @@ class CoapOptimizer(Optimizer):
                         self._rotate_moments(state, proj, new)
                     state.update(new)
                     # Algorithm 1: this step's gradient is projected with the new projector
-                    core, ctx = proj.project(state, g)
+                    core, _ = proj.project(state, g)
                     # energy of G outside the subspace now in use (exact for an orthonormal
                     # projector); the cosine term is the correlation loss's, at P_{t-1}
                     captured = core.square().sum() / total.clamp_min(1e-30)

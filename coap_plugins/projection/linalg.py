@@ -87,7 +87,7 @@ def correlation_loss(h: torch.Tensor, p: torch.Tensor, m: torch.Tensor) -> torch
 
 
 def correlation_grad(
-    h: torch.Tensor, p: torch.Tensor, a: torch.Tensor, m: torch.Tensor, loss: str = "paper"
+    h: torch.Tensor, p: torch.Tensor, a: torch.Tensor, m: torch.Tensor, loss: str = DEFAULT_CORRELATION_LOSS
 ) -> CorrelationResult:
     """Closed form of dL/dP for ``L = MSE(H P P^T, H) * (1 - CosSim_rows(M P^T, H))``.
 
@@ -147,7 +147,7 @@ def correlation_step(
     *,
     lr: float = CORRELATION_LR,
     max_norm: float = CORRELATION_MAX_NORM,
-    loss: str = "paper",
+    loss: str = DEFAULT_CORRELATION_LOSS,
 ) -> tuple[torch.Tensor, CorrelationResult]:
     """One clipped gradient step on P; returns the new P (a new tensor) and the loss terms.
 

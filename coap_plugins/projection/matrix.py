@@ -6,7 +6,14 @@ from typing import Literal
 
 import torch
 
-from .linalg import align_basis, correlation_step, low_cost_svd, random_orthonormal
+from .linalg import (
+    DEFAULT_BASIS_ALIGNMENT,
+    DEFAULT_CORRELATION_LOSS,
+    align_basis,
+    correlation_step,
+    low_cost_svd,
+    random_orthonormal,
+)
 
 __all__ = ["MatrixProjector", "RefreshKind"]
 
@@ -104,8 +111,8 @@ class MatrixProjector:
         ctx: None,
         kind: RefreshKind,
         moment: torch.Tensor,
-        correlation_loss: str = "paper",
-        alignment: str = "none",
+        correlation_loss: str = DEFAULT_CORRELATION_LOSS,
+        alignment: str = DEFAULT_BASIS_ALIGNMENT,
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """New projector tensors from this step's gradient; ``projected`` is ``H P`` (reused).
 

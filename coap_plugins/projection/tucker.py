@@ -19,7 +19,13 @@ import math
 
 import torch
 
-from .linalg import align_basis, correlation_step, low_cost_svd
+from .linalg import (
+    DEFAULT_BASIS_ALIGNMENT,
+    DEFAULT_CORRELATION_LOSS,
+    align_basis,
+    correlation_step,
+    low_cost_svd,
+)
 from .matrix import RefreshKind, setup_sketch
 
 __all__ = ["Tucker2Projector"]
@@ -149,8 +155,8 @@ class Tucker2Projector:
         ctx: torch.Tensor,
         kind: RefreshKind,
         moment: torch.Tensor,
-        correlation_loss: str = "paper",
-        alignment: str = "none",
+        correlation_loss: str = DEFAULT_CORRELATION_LOSS,
+        alignment: str = DEFAULT_BASIS_ALIGNMENT,
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """Refresh both modes from this step's gradient, each as its own matrix problem.
 
