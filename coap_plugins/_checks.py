@@ -93,6 +93,13 @@ def check_ratio(name: str, value: Any) -> None:
         raise SettingError(name, f"{value!r} (must be a finite number >= 1, or None)")
 
 
+def check_update_scale(value: Any) -> None:
+    if value == "auto":
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise SettingError("update_scale", f"{value!r} (must be 'auto' or a finite number > 0)")
+
+
 def check_min_numel(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise SettingError(name, f"{value!r} (must be an integer >= 0)")

@@ -22,9 +22,11 @@ from ._checks import (
     check_positive_int,
     check_rank,
     check_ratio,
+    check_update_scale,
     is_finite_number,
 )
 from .optim import OPTIMIZERS, CoapOptimizer, get_optimizer_class
+from .optim._base import DEFAULT_RESIDUAL, DEFAULT_UPDATE_SCALE, RESIDUALS
 from .policy import CoapPolicy
 from .projection import DEFAULT_MIN_CONV_NUMEL
 from .projection.linalg import (
@@ -85,6 +87,10 @@ class CoapSettings:
         correlation_loss: ``"paper"`` (supplementary Eq. 2) or ``"relative"`` (its reconstruction
             term relative to the gradient's energy: the same step at every gradient scale)
             (default ``"paper"``).
+        update_scale: factor on every projected update, a number > 0 or ``"auto"`` (each
+            projector's ``norm_ratio``) (default 1.0).
+        residual: ``"none"`` (the gradient outside the subspace is dropped, as the paper) or
+            ``"scaled"`` (applied at the projected update's relative step size) (default ``"none"``).
         seed: base seed of the projectors (default 0).
         lr, betas, eps, weight_decay: used only when there is no user optimizer to translate
             (defaults 1e-3, (0.9, 0.999), 1e-8, 1e-2); always validated: finite, ``lr``, ``eps``
@@ -104,6 +110,8 @@ class CoapSettings:
     restore_state: bool = False
     basis_alignment: str = DEFAULT_BASIS_ALIGNMENT
     correlation_loss: str = DEFAULT_CORRELATION_LOSS
+    update_scale: float | str = DEFAULT_UPDATE_SCALE
+    residual: str = DEFAULT_RESIDUAL
     seed: int = 0
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
@@ -123,6 +131,8 @@ class CoapSettings:
             raise SettingError("restore_state", f"{self.restore_state!r} (must be True or False)")
         check_choice("basis_alignment", self.basis_alignment, BASIS_ALIGNMENTS)
         check_choice("correlation_loss", self.correlation_loss, CORRELATION_LOSSES)
+        check_update_scale(self.update_scale)
+        check_choice("residual", self.residual, RESIDUALS)
         check_rank(self.rank)
         check_ratio("rank_ratio_matrix", self.rank_ratio_matrix)
         check_ratio("rank_ratio_conv", self.rank_ratio_conv)
@@ -203,6 +213,8 @@ class CoapSettings:
             restore_state=self.restore_state,
             basis_alignment=self.basis_alignment,
             correlation_loss=self.correlation_loss,
+            update_scale=self.update_scale,
+            residual=self.residual,
             seed=self.seed,
         )
 

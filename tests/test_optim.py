@@ -67,6 +67,8 @@ RESUME_SETTINGS = [
     {"restore_state": True},
     {"restore_state": True, "basis_alignment": "rotation", "correlation_loss": "relative"},
     {"basis_alignment": "sign", "correlation_loss": "relative"},
+    {"update_scale": 1.0, "residual": "none"},
+    {"update_scale": "auto", "residual": "scaled", "restore_state": True},
 ]
 
 
@@ -494,31 +496,33 @@ def test_state_saved_without_newer_group_keys_still_loads():
 
 
 def test_optimizer_pickled_before_the_refresh_settings_keeps_stepping():
-    """A whole optimizer pickled by a version without ``basis_alignment`` / ``correlation_loss``
-    (neither in its ``defaults`` nor in its groups) unpickles with the behaviour it had."""
+    """A whole optimizer pickled by a version without the refresh and update settings (neither
+    in its ``defaults`` nor in its groups) unpickles with the behaviour it had."""
     import pickle
 
+    later = ("basis_alignment", "correlation_loss", "update_scale", "residual")
+    behaviour_then = dict(basis_alignment="none", correlation_loss="paper", update_scale=1.0, residual="none")
     params = make_params()
-    opt = make_opt(CoapAdamW, params)
+    opt = make_opt(CoapAdamW, params, **behaviour_then)
     run(opt, params, 0, 2)
     state = opt.__getstate__()
-    for key in ("basis_alignment", "correlation_loss"):
+    for key in later:
         del state["defaults"][key]
         for group in state["param_groups"]:
             del group[key]
-    state["_owned_keys"] = tuple(k for k in state["_owned_keys"] if k not in ("basis_alignment", "correlation_loss"))
+    state["_owned_keys"] = tuple(k for k in state["_owned_keys"] if k not in later)
     old = CoapAdamW.__new__(CoapAdamW)
     old.__setstate__(state)
     copy = pickle.loads(pickle.dumps(old))
-    assert copy.defaults["basis_alignment"] == "none" and copy.defaults["correlation_loss"] == "paper"
-    assert all(g["correlation_loss"] == "paper" for g in copy.param_groups)
+    assert {k: copy.defaults[k] for k in later} == behaviour_then
+    assert all({k: g[k] for k in later} == behaviour_then for g in copy.param_groups)
     twin = make_params()
-    twin_opt = make_opt(CoapAdamW, twin)
+    twin_opt = make_opt(CoapAdamW, twin, **behaviour_then)
     run(twin_opt, twin, 0, 2)
     names = [k for k in SHAPES if k != "small_conv"] + ["small_conv"]  # make_opt's order
     copied = dict(zip(names, [q for g in copy.param_groups for q in g["params"]]))  # the copy's own tensors
     run(copy, copied, 2, 6)  # through a correlation update and an SVD refresh
-    run(twin_opt, twin, 2, 6)  # an optimizer of today with the default settings
+    run(twin_opt, twin, 2, 6)  # an optimizer of today given the settings of then
     for k in SHAPES:
         assert torch.equal(copied[k], twin[k]), k
 

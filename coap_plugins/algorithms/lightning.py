@@ -83,7 +83,7 @@ class CoapCallback(DrivenAdapter, Callback):
             validated there once (``eight_bit``, ``rank``, ``rank_ratio_matrix``,
             ``rank_ratio_conv`` or its alias ``rank_ratio_cnn``, ``min_conv_numel``, ``exclude``,
             ``policy``, ``update_interval``, ``reproject_factor``, ``restore_state``,
-            ``basis_alignment``, ``correlation_loss``, ``seed``, and
+            ``basis_alignment``, ``correlation_loss``, ``update_scale``, ``residual``, ``seed``, and
             ``lr``, ``betas``, ``eps``, ``weight_decay`` for when there is no user optimizer);
             ``inspect.signature`` lists them with their types and defaults.
 

@@ -37,6 +37,7 @@ from .._checks import (
     check_projection_reasons,
     check_rank,
     check_ratio,
+    check_update_scale,
 )
 from ..projection import PROJECTION_KINDS, Projector
 from ..projection.linalg import (
@@ -49,14 +50,24 @@ from ..projection.routing import PROJECTION_REASONS, policy_reason, route_in_gro
 from ..schedule import ProjectionSchedule
 from ._storage import MomentStorage
 
-__all__ = ["CoapOptimizer", "COAP_GROUP_KEYS", "coap_defaults"]
+__all__ = ["CoapOptimizer", "COAP_GROUP_KEYS", "RESIDUALS", "coap_defaults"]
 
 # Settings that decide the shapes of the state: a checkpoint must agree on them to be loaded.
 COAP_GROUP_KEYS = ("projection", "rank", "rank_ratio_matrix", "rank_ratio_conv", "min_conv_numel")
 _PROJECTOR_KEYS = ("proj", "proj_out", "proj_in")
 # Settings added after the first release, with the behaviour an optimizer pickled before them had:
 # a whole optimizer pickled then (``torch.save(opt)``, ``deepcopy``) lacks them in ``defaults`` too.
-_LATER_SETTINGS = {"basis_alignment": DEFAULT_BASIS_ALIGNMENT, "correlation_loss": DEFAULT_CORRELATION_LOSS}
+_LATER_SETTINGS = {
+    "basis_alignment": DEFAULT_BASIS_ALIGNMENT,
+    "correlation_loss": DEFAULT_CORRELATION_LOSS,
+    "residual": "none",
+    "update_scale": 1.0,
+}
+DEFAULT_UPDATE_SCALE: float | str = 1.0
+DEFAULT_RESIDUAL = "none"
+# what becomes of the gradient outside the subspace: dropped (the paper), or applied at the
+# projected update's relative step size (see CoapOptimizer._apply_projected)
+RESIDUALS = ("none", "scaled")
 
 
 def param_seed(base: int, shape: tuple[int, ...], name: str | None, index: int) -> int:
@@ -131,6 +142,8 @@ class CoapOptimizer(Optimizer):
         check_choice("schedule", group["schedule"], ("optimizer", "external"))
         check_choice("correlation_loss", group["correlation_loss"], CORRELATION_LOSSES)
         check_choice("basis_alignment", group["basis_alignment"], BASIS_ALIGNMENTS)
+        check_choice("residual", group["residual"], RESIDUALS)
+        check_update_scale(group["update_scale"])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -320,7 +333,35 @@ class CoapOptimizer(Optimizer):
             if skipped is not None:
                 tel.update(refresh=f"skipped ({skipped})", step=state["step"])
             self.last_refresh_seconds += time.perf_counter() - start
-        self._update_projected(p, core, state, group, proj)
+        self._update_projected(p, core, state, group, proj, g)
+
+    def _apply_projected(
+        self,
+        p: torch.Tensor,
+        update: torch.Tensor,
+        alpha: float,
+        core: torch.Tensor,
+        grad: torch.Tensor,
+        state: dict[str, Any],
+        group: dict[str, Any],
+        proj: Projector,
+    ) -> None:
+        """``p += alpha * (s * back(update) + phi * (grad - back(core)))``.
+
+        ``s`` is the group's ``update_scale`` (``"auto"``: the projector's ``norm_ratio``); the
+        second term, with ``residual="scaled"``, is the part of the gradient outside the
+        subspace at the step size the projected update has relative to its own gradient,
+        ``phi = |update| / |core|`` (``update`` may carry a tensor lr: ``phi`` carries it too).
+        """
+        scale = group["update_scale"]
+        scale = proj.norm_ratio if scale == "auto" else scale
+        rest = None
+        if group["residual"] == "scaled":
+            phi = torch.linalg.vector_norm(update) / torch.linalg.vector_norm(core).clamp_min(1e-30)
+            rest = (grad - proj.reconstruct(core, state)).mul_(phi)
+        proj.apply_update(p, update, state, alpha * scale)
+        if rest is not None:
+            p.add_(rest.to(p.dtype), alpha=alpha)
 
     def _decay_only(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         if group["weight_decay"] != 0 and group["lr"] is not None:
@@ -338,7 +379,7 @@ class CoapOptimizer(Optimizer):
     def _direction_moment(self, state: dict, core: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _update_projected(self, p, core, state, group, proj) -> None:
+    def _update_projected(self, p, core, state, group, proj, grad) -> None:
         raise NotImplementedError
 
     def _full_rank_step(self, p, g, state, group) -> None:

@@ -10,7 +10,7 @@ import torch
 from .._checks import check_lr, check_nonnegative, conv_ratio_alias
 from ..projection import DEFAULT_MIN_CONV_NUMEL, Projector
 from ..projection.linalg import DEFAULT_BASIS_ALIGNMENT, DEFAULT_CORRELATION_LOSS
-from ._base import CoapOptimizer, coap_defaults
+from ._base import DEFAULT_RESIDUAL, DEFAULT_UPDATE_SCALE, CoapOptimizer, coap_defaults
 from .adamw import ParamsT
 
 __all__ = ["CoapAdafactor", "adafactor_direction"]
@@ -129,6 +129,8 @@ class CoapAdafactor(CoapOptimizer):
         restore_state: bool = False,
         basis_alignment: str = DEFAULT_BASIS_ALIGNMENT,
         correlation_loss: str = DEFAULT_CORRELATION_LOSS,
+        update_scale: float | str = DEFAULT_UPDATE_SCALE,
+        residual: str = DEFAULT_RESIDUAL,
         min_conv_numel: int = DEFAULT_MIN_CONV_NUMEL,
         seed: int = 0,
         rank_ratio_cnn: float | None = None,
@@ -154,6 +156,8 @@ class CoapAdafactor(CoapOptimizer):
                 restore_state=restore_state,
                 basis_alignment=basis_alignment,
                 correlation_loss=correlation_loss,
+                update_scale=update_scale,
+                residual=residual,
                 min_conv_numel=min_conv_numel,
                 seed=seed,
             ),
@@ -262,5 +266,13 @@ class CoapAdafactor(CoapOptimizer):
 
         self._apply(p, g, state, group, apply_update)
 
-    def _update_projected(self, p: torch.Tensor, core: torch.Tensor, state: dict, group: dict, proj: Projector) -> None:
-        self._apply(p, core, state, group, lambda update, alpha: proj.apply_update(p, update, state, alpha))
+    def _update_projected(
+        self, p: torch.Tensor, core: torch.Tensor, state: dict, group: dict, proj: Projector, grad: torch.Tensor
+    ) -> None:
+        self._apply(
+            p,
+            core,
+            state,
+            group,
+            lambda update, alpha: self._apply_projected(p, update, alpha, core, grad, state, group, proj),
+        )

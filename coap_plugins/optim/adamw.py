@@ -9,7 +9,7 @@ import torch
 from .._checks import check_lr, check_nonnegative, conv_ratio_alias
 from ..projection import DEFAULT_MIN_CONV_NUMEL, Projector
 from ..projection.linalg import DEFAULT_BASIS_ALIGNMENT, DEFAULT_CORRELATION_LOSS
-from ._base import CoapOptimizer, coap_defaults
+from ._base import DEFAULT_RESIDUAL, DEFAULT_UPDATE_SCALE, CoapOptimizer, coap_defaults
 
 __all__ = ["CoapAdamW", "adam_moments", "adam_update_scale"]
 
@@ -96,6 +96,8 @@ class CoapAdamW(CoapOptimizer):
         restore_state: bool = False,
         basis_alignment: str = DEFAULT_BASIS_ALIGNMENT,
         correlation_loss: str = DEFAULT_CORRELATION_LOSS,
+        update_scale: float | str = DEFAULT_UPDATE_SCALE,
+        residual: str = DEFAULT_RESIDUAL,
         min_conv_numel: int = DEFAULT_MIN_CONV_NUMEL,
         seed: int = 0,
         rank_ratio_cnn: float | None = None,
@@ -114,6 +116,8 @@ class CoapAdamW(CoapOptimizer):
                 restore_state=restore_state,
                 basis_alignment=basis_alignment,
                 correlation_loss=correlation_loss,
+                update_scale=update_scale,
+                residual=residual,
                 min_conv_numel=min_conv_numel,
                 seed=seed,
             ),
@@ -179,7 +183,9 @@ class CoapAdamW(CoapOptimizer):
         self._storage.store(state, "exp_avg", exp_avg)
         self._storage.store(state, "exp_avg_sq", exp_avg_sq)
 
-    def _update_projected(self, p: torch.Tensor, core: torch.Tensor, state: dict, group: dict, proj: Projector) -> None:
+    def _update_projected(
+        self, p: torch.Tensor, core: torch.Tensor, state: dict, group: dict, proj: Projector, grad: torch.Tensor
+    ) -> None:
         beta1, beta2 = group["betas"]
         lr, wd = group["lr"], group["weight_decay"]
         exp_avg, exp_avg_sq = self._storage.load(state, "exp_avg"), self._storage.load(state, "exp_avg_sq")
@@ -192,6 +198,6 @@ class CoapAdamW(CoapOptimizer):
         if wd != 0:
             p.mul_(1 - lr * wd)
         if isinstance(step_size, torch.Tensor):  # a tensor lr: scale on the device, never read it
-            proj.apply_update(p, update.mul_(-step_size), state, 1.0)
+            self._apply_projected(p, update.mul_(step_size), -1.0, core, grad, state, group, proj)
         else:
-            proj.apply_update(p, update, state, -step_size)
+            self._apply_projected(p, update, -step_size, core, grad, state, group, proj)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -76,6 +77,12 @@ class MatrixProjector:
     def projector_numel(self) -> int:
         return self.short * self.rank
 
+    @property
+    def norm_ratio(self) -> float:
+        """``sqrt(min(m, n) / r)``: how much larger a full-rank update of unit entries is than
+        the back-projection of a projected one of unit entries (Frobenius norms)."""
+        return math.sqrt(self.short / self.rank)
+
     def step_macs(self) -> int:
         """Multiply-adds an ordinary step cannot avoid: projection and back-projection."""
         return 2 * self.long * self.short * self.rank
@@ -101,6 +108,12 @@ class MatrixProjector:
         else:
             delta = p @ update.T if self.transposed else update @ p.T
             param.add_(delta.to(param.dtype), alpha=alpha)
+
+    def reconstruct(self, core: torch.Tensor, state: dict) -> torch.Tensor:
+        """``core P^T`` in the weight's shape and orientation (the part of a gradient the
+        subspace holds, when ``core`` is its projection)."""
+        h = core @ state["proj"].T
+        return h.T if self.transposed else h
 
     # -- refreshes ---------------------------------------------------------------------------
     def refresh(

@@ -94,6 +94,12 @@ class Tucker2Projector:
     def projector_numel(self) -> int:
         return sum(math.prod(s) for s in self.state_shapes().values())
 
+    @property
+    def norm_ratio(self) -> float:
+        """``sqrt(O I / (r_O r_I))`` (``sqrt(O / r_O)`` with the input mode unprojected), as
+        :attr:`MatrixProjector.norm_ratio`."""
+        return math.sqrt(self.out_ch / self.rank_out * self.in_ch / self.core_in)
+
     def step_macs(self) -> int:
         """Multiply-adds of projection plus back-projection (output mode first: the cheaper order)."""
         macs = self.out_ch * self.in_ch * self.k * self.rank_out
@@ -145,6 +151,10 @@ class Tucker2Projector:
             param.view(self.out_ch, self.in_ch * self.k).addmm_(p_out, x, alpha=alpha)
         else:
             param.add_((p_out @ x).view(self.shape).to(param.dtype), alpha=alpha)
+
+    def reconstruct(self, core: torch.Tensor, state: dict) -> torch.Tensor:
+        """``core x_1 P_O x_2 P_I`` in the weight's shape."""
+        return (state["proj_out"] @ self._restore_in(core, state)).view(self.shape)
 
     # -- refreshes ---------------------------------------------------------------------------
     def refresh(
