@@ -88,9 +88,9 @@ class CoapSettings:
             term relative to the gradient's energy: the same step at every gradient scale)
             (default ``"paper"``).
         update_scale: factor on every projected update, a number > 0 or ``"auto"`` (each
-            projector's ``norm_ratio``) (default 1.0).
+            projector's ``size_ratio``) (default ``"auto"``).
         residual: ``"none"`` (the gradient outside the subspace is dropped, as the paper) or
-            ``"scaled"`` (applied at the projected update's relative step size) (default ``"none"``).
+            ``"scaled"`` (applied at the projected update's relative step size) (default ``"scaled"``).
         seed: base seed of the projectors (default 0).
         lr, betas, eps, weight_decay: used only when there is no user optimizer to translate
             (defaults 1e-3, (0.9, 0.999), 1e-8, 1e-2); always validated: finite, ``lr``, ``eps``

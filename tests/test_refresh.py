@@ -31,9 +31,10 @@ def _tall_update(delta: torch.Tensor, transposed: bool) -> torch.Tensor:
 @pytest.mark.parametrize("shape", [(48, 20), (16, 40)])
 @pytest.mark.parametrize("kind", ["svd", "correlation"])
 def test_refresh_step_projects_its_gradient_with_the_new_projector(shape, kind):
-    """Algorithm 1: on a refresh step the moment takes ``G_t P_t`` and the update lies in P_t's span."""
+    """Algorithm 1: on a refresh step the moment takes ``G_t P_t`` and the update lies in P_t's span
+    (the paper's update: without the residual outside the subspace)."""
     w = nn.Parameter(torch.randn(shape))
-    opt = CoapAdamW([w], lr=1e-2, betas=(BETA1, 0.999), weight_decay=0.0, rank=4, update_interval=1000)
+    opt = CoapAdamW([w], lr=1e-2, betas=(BETA1, 0.999), weight_decay=0.0, rank=4, update_interval=1000, residual="none")
     w.grad = _grad(shape, 0)
     opt.step()
     state = opt.state[w]
@@ -62,7 +63,9 @@ def test_refresh_step_projects_its_gradient_with_the_new_projector(shape, kind):
 def test_conv_refresh_step_updates_in_both_new_subspaces():
     shape = (16, 12, 3, 3)
     w = nn.Parameter(torch.randn(shape))
-    opt = CoapAdamW([w], lr=1e-2, weight_decay=0.0, rank_ratio_conv=4, min_conv_numel=0, update_interval=1000)
+    opt = CoapAdamW(
+        [w], lr=1e-2, weight_decay=0.0, rank_ratio_conv=4, min_conv_numel=0, update_interval=1000, residual="none"
+    )
     w.grad = _grad(shape, 0)
     opt.step()
     w.grad = _grad(shape, 1)

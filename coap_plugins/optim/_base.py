@@ -63,8 +63,8 @@ _LATER_SETTINGS = {
     "residual": "none",
     "update_scale": 1.0,
 }
-DEFAULT_UPDATE_SCALE: float | str = 1.0
-DEFAULT_RESIDUAL = "none"
+DEFAULT_UPDATE_SCALE: float | str = "auto"
+DEFAULT_RESIDUAL = "scaled"
 # what becomes of the gradient outside the subspace: dropped (the paper), or applied at the
 # projected update's relative step size (see CoapOptimizer._apply_projected)
 RESIDUALS = ("none", "scaled")
@@ -348,13 +348,13 @@ class CoapOptimizer(Optimizer):
     ) -> None:
         """``p += alpha * (s * back(update) + phi * (grad - back(core)))``.
 
-        ``s`` is the group's ``update_scale`` (``"auto"``: the projector's ``norm_ratio``); the
+        ``s`` is the group's ``update_scale`` (``"auto"``: the projector's ``size_ratio``); the
         second term, with ``residual="scaled"``, is the part of the gradient outside the
         subspace at the step size the projected update has relative to its own gradient,
         ``phi = |update| / |core|`` (``update`` may carry a tensor lr: ``phi`` carries it too).
         """
         scale = group["update_scale"]
-        scale = proj.norm_ratio if scale == "auto" else scale
+        scale = proj.size_ratio if scale == "auto" else scale
         rest = None
         if group["residual"] == "scaled":
             phi = torch.linalg.vector_norm(update) / torch.linalg.vector_norm(core).clamp_min(1e-30)

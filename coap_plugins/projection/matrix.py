@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -78,14 +77,9 @@ class MatrixProjector:
         return self.short * self.rank
 
     @property
-    def norm_ratio(self) -> float:
-        """``sqrt(min(m, n) / r)``: how much larger a full-rank update of unit entries is than
-        the back-projection of a projected one of unit entries (Frobenius norms)."""
-        return math.sqrt(self.short / self.rank)
-
-    def step_macs(self) -> int:
-        """Multiply-adds an ordinary step cannot avoid: projection and back-projection."""
-        return 2 * self.long * self.short * self.rank
+    def size_ratio(self) -> float:
+        """``min(m, n) / r``: how many times the projected side is reduced (``update_scale="auto"``)."""
+        return self.short / self.rank
 
     # -- the hot path ----------------------------------------------------------------------
     def tall(self, grad: torch.Tensor) -> torch.Tensor:

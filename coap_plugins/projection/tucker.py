@@ -95,10 +95,10 @@ class Tucker2Projector:
         return sum(math.prod(s) for s in self.state_shapes().values())
 
     @property
-    def norm_ratio(self) -> float:
-        """``sqrt(O I / (r_O r_I))`` (``sqrt(O / r_O)`` with the input mode unprojected), as
-        :attr:`MatrixProjector.norm_ratio`."""
-        return math.sqrt(self.out_ch / self.rank_out * self.in_ch / self.core_in)
+    def size_ratio(self) -> float:
+        """``(O / r_O) (I / r_I)`` (``O / r_O`` with the input mode unprojected): how many times
+        the channel modes are reduced together, as :attr:`MatrixProjector.size_ratio`."""
+        return self.out_ch / self.rank_out * self.in_ch / self.core_in
 
     def step_macs(self) -> int:
         """Multiply-adds of projection plus back-projection (output mode first: the cheaper order)."""
