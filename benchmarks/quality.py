@@ -27,8 +27,9 @@ seen as the (O, I*k1*k2) matrix, at rank min(O, I*k1*k2) // 4: on the UNet, wher
 every conv, GaLore on the layers COAP projects; on the ResNet it also projects the few convs
 below COAP's ``min_conv_numel``) and ``AdamW8bit`` (bitsandbytes, its CPU path).  A COAP method may carry optimizer
 options in brackets, e.g. ``CoapAdamW[restore_state=true,basis_alignment=sign]`` or
-``CoapAdamW8bit[rank_ratio=8]``: each spec is its own row.  COAP runs at ``rank_ratio_matrix=4,
-rank_ratio_conv=4, update_interval=32, reproject_factor=5``; on the UNet with
+``CoapAdamW8bit[rank_ratio=8]``, ``CoapAdamW[update_scale=1.0,residual=none]`` (the paper's
+update): each spec is its own row.  COAP runs at ``rank_ratio_matrix=4, rank_ratio_conv=4,
+update_interval=32, reproject_factor=5`` and the optimizers' own defaults otherwise; on the UNet with
 ``min_conv_numel=0`` so its small convs are projected too; on the ResNet with the defaults (the
 optimizer routes every tensor itself).  Learning rates: 2e-3 for the Adam family on both tasks;
 1e-2 for the Adafactor family on the ResNet and 5e-3 on the UNet (a check at 1e-2 showed timm's
@@ -872,7 +873,9 @@ def markdown(results: list[dict], args: argparse.Namespace, env: dict[str, Any],
         "Notes: lr 2e-3 (Adam family: AdamW, CoapAdamW, CoapAdamW8bit, GaLoreAdamW, GaLoreConvAdamW, AdamW8bit; "
         "weight decay 0.05) unless a heading says otherwise, and 1e-2 on the ResNet, 5e-3 on the UNet "
         "(Adafactor family: Adafactor, CoapAdafactor; no weight decay; timm's Adafactor collapsed at 1e-2 on "
-        "the UNet); COAP rank ratio 4, update interval 32, reproject factor 5 (UNet: min_conv_numel=0) unless "
+        "the UNet); COAP rank ratio 4, update interval 32, reproject factor 5 (UNet: min_conv_numel=0), the "
+        "optimizers' defaults otherwise (update_scale 'auto', residual 'scaled'; runs of an earlier version "
+        "carry its tag) unless "
         "the method's [options] say otherwise; GaLore rank min(rows, cols)//4, update_proj_gap 200, scale 0.25, "
         "on 2-D weights only (GaLoreAdamW) or also on every conv weight seen as (O, I*k*k) (GaLoreConvAdamW). "
         "paired Δ = per seed, the method's metric over AdamW's (or, for the Adafactor family, Adafactor's) of "

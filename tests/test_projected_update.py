@@ -22,6 +22,13 @@ def _grads(params, step):
         p.grad = (p.detach() - 1) + 0.5 * torch.randn(p.shape, generator=g)
 
 
+def _back(proj, core, state):
+    """The projector's back-projection of ``core`` in the weight's shape."""
+    out = torch.zeros(proj.shape, dtype=core.dtype)
+    proj.apply_update(out, core, state, 1.0)
+    return out
+
+
 def _opt(cls, params, **kw):
     if cls is CoapAdafactor:
         kw = dict(lr=1e-2, scale_parameter=False, relative_step=False, **kw)
@@ -103,7 +110,7 @@ def test_scaled_residual_adds_the_gradient_outside_the_subspace_at_the_projected
         state = opt.state[params[name]]
         g = first[name].grad
         core, _ = proj.project(state, g)
-        rest = g - proj.reconstruct(core, state)
+        rest = g - _back(proj, core, state)
         extra = with_res[name] - none[name]
         if float(rest.norm()) < 1e-5 * float(g.norm()):  # conv1x1: rank_out = I, nothing outside
             assert float(extra.abs().max()) < 1e-6, name
@@ -111,7 +118,7 @@ def test_scaled_residual_adds_the_gradient_outside_the_subspace_at_the_projected
         cos = float((extra * -rest).sum() / (extra.norm() * rest.norm()))
         assert cos > 1 - 1e-4, (name, cos)
         assert float(proj.project(state, extra)[0].norm() / extra.norm()) < 1e-3
-        back = proj.reconstruct(proj.project(state, with_res[name])[0], state)
+        back = _back(proj, proj.project(state, with_res[name])[0], state)
         torch.testing.assert_close(back, none[name], rtol=1e-3, atol=1e-6)
         # phi = |update| / |core|; the move inside the subspace is step size * scale * update
         update_norm = float(proj.project(state, none[name])[0].norm()) / (step_size * scale)
@@ -172,3 +179,27 @@ def test_settings_pass_both_options_to_the_optimizer():
     assert (kw["update_scale"], kw["residual"]) == ("auto", "scaled")
     opt = CoapAdamW([nn.Parameter(torch.randn(8, 8))], **kw)
     assert (opt.param_groups[0]["update_scale"], opt.param_groups[0]["residual"]) == ("auto", "scaled")
+
+
+@pytest.mark.parametrize("cls", [CoapAdamW, CoapAdafactor])
+def test_bf16_weights_take_the_scaled_residual_like_fp32_ones(cls):
+    """The residual's elementwise pass runs on the weight in its own dtype: from the same start,
+    a bf16 weight moves as the fp32 run's does, up to bf16 rounding of weights and gradients."""
+    start = {k: p.detach().to(torch.bfloat16) for k, p in _params().items()}
+    low = {k: nn.Parameter(v.clone()) for k, v in start.items()}
+    full = {k: nn.Parameter(v.float()) for k, v in start.items()}
+    opts = [_opt(cls, low), _opt(cls, full)]
+    for step in range(3):
+        _grads(full, step)
+        for k, p in low.items():
+            p.grad = full[k].grad.to(torch.bfloat16)
+        for opt in opts:
+            opt.step()
+    projected = [list(SHAPES)[r["index"]] for r in opts[1].routing() if r["projector"] is not None]
+    assert len(projected) == 4
+    for k in projected:
+        p = low[k]
+        assert p.dtype == torch.bfloat16
+        moved, ref = p.detach().float() - start[k].float(), full[k].detach() - start[k].float()
+        cos = float((moved * ref).sum() / (moved.norm() * ref.norm()))
+        assert cos > 0.9 and 0.8 < float(moved.norm() / ref.norm()) < 1.25, (k, cos)

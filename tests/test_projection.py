@@ -139,33 +139,6 @@ def test_tucker_back_projection_is_adjoint_of_projection():
     assert abs(float((core * u).sum() - (x * w).sum())) < 1e-10
 
 
-@pytest.mark.parametrize(
-    "shape,ranks",
-    [
-        ((48, 20), dict(rank=5)),
-        ((20, 48), dict(rank=5)),
-        ((16, 8, 3, 3), dict(rank_out=6, rank_in=3)),
-        ((16, 8, 1, 1), dict(rank_out=4, rank_in=None)),
-    ],
-)
-def test_reconstruct_is_the_orthogonal_projection_and_apply_update_its_in_place_form(shape, ranks):
-    g = torch.Generator().manual_seed(5)
-    proj = MatrixProjector(shape, **ranks) if len(shape) == 2 else Tucker2Projector(shape, **ranks)
-    state = {k: torch.linalg.qr(torch.randn(s, generator=g, dtype=f64))[0] for k, s in proj.state_shapes().items()}
-    x = torch.randn(shape, generator=g, dtype=f64)
-    core, _ = proj.project(state, x)
-    kept = proj.reconstruct(core, state)
-    assert kept.shape == x.shape
-    # idempotent, and what it leaves out is orthogonal to the subspace
-    again, _ = proj.project(state, kept)
-    assert _rel(proj.reconstruct(again, state), kept) < 1e-12
-    assert float(proj.project(state, x - kept)[0].abs().max()) < 1e-12
-    assert abs(float(x.square().sum() - kept.square().sum() - (x - kept).square().sum())) < 1e-10
-    w = torch.zeros(shape, dtype=f64)
-    proj.apply_update(w, core, state, 1.0)
-    assert _rel(w, kept) < 1e-12
-
-
 def test_correlation_step_clips_to_unit_norm_and_uses_lr_0_1():
     g = torch.Generator().manual_seed(5)
     h = 100 * torch.randn(50, 20, generator=g, dtype=f64)

@@ -355,13 +355,15 @@ class CoapOptimizer(Optimizer):
         """
         scale = group["update_scale"]
         scale = proj.size_ratio if scale == "auto" else scale
-        rest = None
-        if group["residual"] == "scaled":
-            phi = torch.linalg.vector_norm(update) / torch.linalg.vector_norm(core).clamp_min(1e-30)
-            rest = (grad - proj.reconstruct(core, state)).mul_(phi)
-        proj.apply_update(p, update, state, alpha * scale)
-        if rest is not None:
-            p.add_(rest.to(p.dtype), alpha=alpha)
+        if group["residual"] != "scaled":
+            proj.apply_update(p, update, state, alpha * scale)
+            return
+        # s U P^T + phi (G - G_p P^T) = (s U - phi G_p) P^T + phi G: one back-projection of a
+        # core-sized tensor and one elementwise pass over the weight, no weight-sized temporary
+        phi = torch.linalg.vector_norm(update) / torch.linalg.vector_norm(core).clamp_min(1e-30)
+        combined = torch.mul(update, scale).addcmul_(core, phi, value=-1.0)
+        proj.apply_update(p, combined, state, alpha)
+        p.addcmul_(grad, phi, value=alpha)
 
     def _decay_only(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         if group["weight_decay"] != 0 and group["lr"] is not None:

@@ -96,7 +96,8 @@ class CoapAdafactor(CoapOptimizer):
         relative_step: time-dependent step size; defaults to ``lr is None``.
         warmup_init: warm the relative step up from 0 (default False; needs ``relative_step``).
         rank, rank_ratio_matrix, rank_ratio_conv, update_interval, reproject_factor,
-        restore_state, basis_alignment, correlation_loss, min_conv_numel, seed, rank_ratio_cnn: as
+        restore_state, basis_alignment, correlation_loss, update_scale, residual, min_conv_numel, seed,
+        rank_ratio_cnn: as
             :class:`~coap_plugins.CoapAdamW`.  With
             ``restore_state`` the first moment is carried into the new basis; the factored
             second moment (row and column means) is kept as it is.

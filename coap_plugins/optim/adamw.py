@@ -70,6 +70,14 @@ class CoapAdamW(CoapOptimizer):
             reconstruction term is a mean over the entries, so its step shrinks with the square
             of the gradient's scale) or ``"relative"`` (that term relative to the gradient's
             energy: the same step at every gradient scale) (default ``"paper"``).
+        update_scale: factor on every projected update: a number > 0, or ``"auto"`` for each
+            projector's ``size_ratio`` (``min(m, n) / r``; ``(O / r_O) (I / r_I)`` for Tucker-2).
+            Adam normalizes r projected coordinates where AdamW normalizes min(m, n), so the
+            paper's update is that many times smaller (default ``"auto"``; 1.0 is the paper's).
+        residual: what becomes of the part of the gradient outside the subspace: ``"none"``
+            (dropped, as the paper) or ``"scaled"`` (applied at ``|update| / |projected
+            gradient|``, the step size the projected update takes; no state) (default
+            ``"scaled"``).
         min_conv_numel: convs with at most this many elements stay full rank (default 9216).
         seed: base seed of the projectors' random starts (default 0).
 

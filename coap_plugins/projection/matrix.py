@@ -103,12 +103,6 @@ class MatrixProjector:
             delta = p @ update.T if self.transposed else update @ p.T
             param.add_(delta.to(param.dtype), alpha=alpha)
 
-    def reconstruct(self, core: torch.Tensor, state: dict) -> torch.Tensor:
-        """``core P^T`` in the weight's shape and orientation (the part of a gradient the
-        subspace holds, when ``core`` is its projection)."""
-        h = core @ state["proj"].T
-        return h.T if self.transposed else h
-
     # -- refreshes ---------------------------------------------------------------------------
     def refresh(
         self,

@@ -152,10 +152,6 @@ class Tucker2Projector:
         else:
             param.add_((p_out @ x).view(self.shape).to(param.dtype), alpha=alpha)
 
-    def reconstruct(self, core: torch.Tensor, state: dict) -> torch.Tensor:
-        """``core x_1 P_O x_2 P_I`` in the weight's shape."""
-        return (state["proj_out"] @ self._restore_in(core, state)).view(self.shape)
-
     # -- refreshes ---------------------------------------------------------------------------
     def refresh(
         self,
