@@ -26,7 +26,7 @@ from ._checks import (
     is_finite_number,
 )
 from .optim import OPTIMIZERS, CoapOptimizer, get_optimizer_class
-from .optim._base import DEFAULT_RESIDUAL, DEFAULT_UPDATE_SCALE, RESIDUALS
+from .optim._base import DEFAULT_RESIDUAL, RESIDUALS
 from .policy import CoapPolicy
 from .projection import DEFAULT_MIN_CONV_NUMEL
 from .projection.linalg import (
@@ -88,7 +88,8 @@ class CoapSettings:
             term relative to the gradient's energy: the same step at every gradient scale)
             (default ``"paper"``).
         update_scale: factor on every projected update, a number > 0 or ``"auto"`` (each
-            projector's ``size_ratio``) (default ``"auto"``).
+            projector's ``size_ratio``), or None for the optimizer's own default (``"auto"`` for
+            the AdamW forms, 1.0 for the Adafactor forms) (default None).
         residual: ``"none"`` (the gradient outside the subspace is dropped, as the paper) or
             ``"scaled"`` (applied at the projected update's relative step size) (default ``"scaled"``).
         seed: base seed of the projectors (default 0).
@@ -110,7 +111,7 @@ class CoapSettings:
     restore_state: bool = False
     basis_alignment: str = DEFAULT_BASIS_ALIGNMENT
     correlation_loss: str = DEFAULT_CORRELATION_LOSS
-    update_scale: float | str = DEFAULT_UPDATE_SCALE
+    update_scale: float | str | None = None
     residual: str = DEFAULT_RESIDUAL
     seed: int = 0
     lr: float = 1e-3
@@ -131,7 +132,8 @@ class CoapSettings:
             raise SettingError("restore_state", f"{self.restore_state!r} (must be True or False)")
         check_choice("basis_alignment", self.basis_alignment, BASIS_ALIGNMENTS)
         check_choice("correlation_loss", self.correlation_loss, CORRELATION_LOSSES)
-        check_update_scale(self.update_scale)
+        if self.update_scale is not None:
+            check_update_scale(self.update_scale)
         check_choice("residual", self.residual, RESIDUALS)
         check_rank(self.rank)
         check_ratio("rank_ratio_matrix", self.rank_ratio_matrix)
@@ -213,9 +215,9 @@ class CoapSettings:
             restore_state=self.restore_state,
             basis_alignment=self.basis_alignment,
             correlation_loss=self.correlation_loss,
-            update_scale=self.update_scale,
             residual=self.residual,
             seed=self.seed,
+            **({} if self.update_scale is None else {"update_scale": self.update_scale}),
         )
 
     def optimizer_class(self, family: str | None = None) -> type[CoapOptimizer]:

@@ -31,9 +31,9 @@ def _back(proj, core, state):
 
 def _opt(cls, params, **kw):
     if cls is CoapAdafactor:
-        kw = dict(lr=1e-2, scale_parameter=False, relative_step=False, **kw)
+        kw = {"lr": 1e-2, "scale_parameter": False, "relative_step": False, **kw}
     else:
-        kw = dict(lr=1e-2, **kw)
+        kw = {"lr": 1e-2, **kw}
     return cls(list(params.values()), weight_decay=0.0, min_conv_numel=0, update_interval=3, reproject_factor=2, **kw)
 
 
@@ -188,7 +188,8 @@ def test_bf16_weights_take_the_scaled_residual_like_fp32_ones(cls):
     start = {k: p.detach().to(torch.bfloat16) for k, p in _params().items()}
     low = {k: nn.Parameter(v.clone()) for k, v in start.items()}
     full = {k: nn.Parameter(v.float()) for k, v in start.items()}
-    opts = [_opt(cls, low), _opt(cls, full)]
+    # steps well above bf16's resolution of weights near 1 (2^-8)
+    opts = [_opt(cls, low, lr=0.1), _opt(cls, full, lr=0.1)]
     for step in range(3):
         _grads(full, step)
         for k, p in low.items():

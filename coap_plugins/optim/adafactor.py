@@ -10,7 +10,7 @@ import torch
 from .._checks import check_lr, check_nonnegative, conv_ratio_alias
 from ..projection import DEFAULT_MIN_CONV_NUMEL, Projector
 from ..projection.linalg import DEFAULT_BASIS_ALIGNMENT, DEFAULT_CORRELATION_LOSS
-from ._base import DEFAULT_RESIDUAL, DEFAULT_UPDATE_SCALE, CoapOptimizer, coap_defaults
+from ._base import DEFAULT_RESIDUAL, CoapOptimizer, coap_defaults
 from .adamw import ParamsT
 
 __all__ = ["CoapAdafactor", "adafactor_direction"]
@@ -96,9 +96,12 @@ class CoapAdafactor(CoapOptimizer):
         relative_step: time-dependent step size; defaults to ``lr is None``.
         warmup_init: warm the relative step up from 0 (default False; needs ``relative_step``).
         rank, rank_ratio_matrix, rank_ratio_conv, update_interval, reproject_factor,
-        restore_state, basis_alignment, correlation_loss, update_scale, residual, min_conv_numel, seed,
+        restore_state, basis_alignment, correlation_loss, residual, min_conv_numel, seed,
         rank_ratio_cnn: as
-            :class:`~coap_plugins.CoapAdamW`.  With
+            :class:`~coap_plugins.CoapAdamW`.  ``update_scale`` too, but its default here is 1.0:
+            Adafactor caps the RMS of its update at ``clip_threshold``, and a larger factor lifts
+            the update past the cap its stability rests on (on the UNet task ``"auto"`` made
+            CoapAdafactor 30 % worse, ``docs/RESULTS.md``).  With
             ``restore_state`` the first moment is carried into the new basis; the factored
             second moment (row and column means) is kept as it is.
 
@@ -130,7 +133,7 @@ class CoapAdafactor(CoapOptimizer):
         restore_state: bool = False,
         basis_alignment: str = DEFAULT_BASIS_ALIGNMENT,
         correlation_loss: str = DEFAULT_CORRELATION_LOSS,
-        update_scale: float | str = DEFAULT_UPDATE_SCALE,
+        update_scale: float | str = 1.0,
         residual: str = DEFAULT_RESIDUAL,
         min_conv_numel: int = DEFAULT_MIN_CONV_NUMEL,
         seed: int = 0,

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from ..optim._base import DEFAULT_RESIDUAL, DEFAULT_UPDATE_SCALE
+from ..optim._base import DEFAULT_RESIDUAL
 from ..projection import DEFAULT_MIN_CONV_NUMEL
 from ..projection.linalg import DEFAULT_BASIS_ALIGNMENT, DEFAULT_CORRELATION_LOSS
 
@@ -164,7 +164,7 @@ class CoapConfig:
     restore_state: bool = False
     basis_alignment: str = DEFAULT_BASIS_ALIGNMENT
     correlation_loss: str = DEFAULT_CORRELATION_LOSS
-    update_scale: Union[int, float, str] = DEFAULT_UPDATE_SCALE
+    update_scale: Optional[Union[int, float, str]] = None
     residual: str = DEFAULT_RESIDUAL
     seed: int = 0
 
