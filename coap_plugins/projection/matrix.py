@@ -81,6 +81,10 @@ class MatrixProjector:
         """``min(m, n) / r``: how many times the projected side is reduced (``update_scale="auto"``)."""
         return self.short / self.rank
 
+    def step_macs(self) -> int:
+        """Multiply-adds an ordinary step cannot avoid: projection and back-projection."""
+        return 2 * self.long * self.short * self.rank
+
     # -- the hot path ----------------------------------------------------------------------
     def tall(self, grad: torch.Tensor) -> torch.Tensor:
         return grad.T if self.transposed else grad
