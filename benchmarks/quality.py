@@ -1123,8 +1123,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--methods",
         type=method_list,
-        default=list(DEFAULT_METHODS),
-        help="comma-separated; a COAP method may carry optimizer options: CoapAdamW[restore_state=true,rank_ratio=8]",
+        default=None,
+        help="comma-separated; a COAP method may carry optimizer options: CoapAdamW[restore_state=true,rank_ratio=8]; "
+        "with --report-only, the rows to show (AdamW and Adafactor are kept as the pairing baselines)",
     )
     p.add_argument("--seeds", type=int_list, default=None, help="default 0,1,2 (--quick: 0)")
     p.add_argument("--steps-resnet", type=positive, default=None)
@@ -1179,6 +1180,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.test_images = QUICK_EVAL_IMAGES if args.quick else None
     args.sweep = (not args.quick and not args.report_only) if args.sweep is None else args.sweep
     args.sweep = args.sweep and "unet" in args.tasks
+    args.methods_given = args.methods is not None
+    args.methods = args.methods if args.methods_given else list(DEFAULT_METHODS)
     args.label_tag = f" ({args.tag})" if args.tag else ""
     args.labels = [label_of(m, args) for m in args.methods]
     tagged = [m for m in args.methods if " (" in m]
@@ -1209,6 +1212,9 @@ def main(argv: list[str] | None = None) -> None:
     jobs = [] if args.report_only else [j for j in planned if job_key(j) not in have]
     Path(args.out).mkdir(parents=True, exist_ok=True)
     results = included + run_all(jobs, args.threads, args.jobs, Path(args.out) / "runs.jsonl")
+    if args.report_only and args.methods_given:
+        shown = set(args.labels) | {"AdamW", "Adafactor"}
+        results = [r for r in results if r["label"] in shown]
     text = write_outputs(results, args, env)
     print(text, end="")
     print(f"total {time.perf_counter() - start:.0f} s", file=sys.stderr)

@@ -104,7 +104,14 @@ def test_quality_quick_writes_tables_json_and_plots(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "] unet " not in proc.stderr and not (report / "runs.jsonl").exists()
     labels = table_methods((report / "quality.md").read_text(), "unet")
-    assert labels[:2] == ["AdamW", "CoapAdamW (old)"] and "CoapAdamW8bit (old)" in labels and "AdamW8bit" in labels
+    # --methods picks the rows; the pairing baselines stay
+    assert labels[:2] == ["AdamW", "CoapAdamW (old)"] and set(labels) <= {"AdamW", "CoapAdamW (old)", "Adafactor"}
+    proc = run_script(
+        "quality.py", report, "--report-only", "--tasks", "unet", "--include", f"{tmp_path / 'runs.jsonl'}#old"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    labels = table_methods((report / "quality.md").read_text(), "unet")
+    assert "CoapAdamW8bit (old)" in labels and "AdamW8bit" in labels  # without --methods: every row
 
 
 @pytest.mark.parametrize(
