@@ -1,5 +1,7 @@
 """The projected update's size (``update_scale``) and the gradient outside the subspace (``residual``)."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -204,3 +206,25 @@ def test_bf16_weights_take_the_scaled_residual_like_fp32_ones(cls):
         moved, ref = p.detach().float() - start[k].float(), full[k].detach() - start[k].float()
         cos = float((moved * ref).sum() / (moved.norm() * ref.norm()))
         assert cos > 0.9 and 0.8 < float(moved.norm() / ref.norm()) < 1.25, (k, cos)
+
+
+def test_a_gradient_outside_the_subspace_cannot_blow_the_residual_up():
+    """|G P| near 0 with a momentum-sized update: phi's denominator is floored at 0.1 |G|, so the
+    residual step stays within 10x the projected update's norm instead of |U| |G| / |G P|."""
+    g = torch.Generator().manual_seed(4)
+    w = nn.Parameter(torch.randn(40, 24, generator=g))
+    opt = CoapAdamW([w], lr=1e-2, rank=6, weight_decay=0.0, update_scale=1.0)
+    w.grad = torch.randn(40, 6, generator=g) @ torch.randn(6, 24, generator=g)
+    opt.step()
+    proj = opt.state[w]["proj"]
+    h = torch.randn(40, 24, generator=g)
+    w.grad = h - (h @ proj) @ proj.T  # orthogonal to span(P): |G P| is rounding
+    before = w.detach().clone()
+    opt.step()
+    moved = float((w.detach() - before).norm())
+    assert math.isfinite(moved) and 0 < moved
+    state = opt.state[w]
+    update = state["exp_avg"] / (state["exp_avg_sq"].sqrt() / (1 - 0.999**2) ** 0.5 + 1e-8)
+    # step size lr / bias_correction1, times (projected part + at most 10x it for the residual)
+    bound = 1e-2 / (1 - 0.9**2) * (1 + 10) * float(update.norm())
+    assert moved <= bound * 1.01, (moved, bound)

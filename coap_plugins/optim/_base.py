@@ -68,6 +68,7 @@ DEFAULT_RESIDUAL = "scaled"
 # what becomes of the gradient outside the subspace: dropped (the paper), or applied at the
 # projected update's relative step size (see CoapOptimizer._apply_projected)
 RESIDUALS = ("none", "scaled")
+_RESIDUAL_FLOOR = 0.1
 
 
 def param_seed(base: int, shape: tuple[int, ...], name: str | None, index: int) -> int:
@@ -351,7 +352,8 @@ class CoapOptimizer(Optimizer):
         ``s`` is the group's ``update_scale`` (``"auto"``: the projector's ``size_ratio``); the
         second term, with ``residual="scaled"``, is the part of the gradient outside the
         subspace at the step size the projected update has relative to its own gradient,
-        ``phi = |update| / |core|`` (``update`` may carry a tensor lr: ``phi`` carries it too).
+        ``phi = |update| / max(|core|, 0.1 |grad|)`` (``update`` may carry a tensor lr: ``phi``
+        carries it too).
         """
         scale = group["update_scale"]
         scale = proj.size_ratio if scale == "auto" else scale
@@ -360,7 +362,10 @@ class CoapOptimizer(Optimizer):
             return
         # s U P^T + phi (G - G_p P^T) = (s U - phi G_p) P^T + phi G: one back-projection of a
         # core-sized tensor and one elementwise pass over the weight, no weight-sized temporary
-        phi = torch.linalg.vector_norm(update) / torch.linalg.vector_norm(core).clamp_min(1e-30)
+        # the denominator is at least a tenth of the gradient's norm: a gradient the subspace
+        # barely holds (|G P| -> 0) cannot blow the residual up past 10x the projected update
+        floor = torch.linalg.vector_norm(grad).mul_(_RESIDUAL_FLOOR).clamp_min_(1e-30)
+        phi = torch.linalg.vector_norm(update) / torch.maximum(torch.linalg.vector_norm(core), floor)
         combined = torch.mul(update, scale).addcmul_(core, phi, value=-1.0)
         proj.apply_update(p, combined, state, alpha)
         p.addcmul_(grad, phi, value=alpha)
