@@ -182,7 +182,7 @@ def test_restore_state_carries_quantized_moments_into_the_new_basis():
         g = torch.Generator().manual_seed(7)
         new = {k: torch.linalg.qr(torch.randn(state[k].shape, generator=g))[0] for k in proj.state_shapes()}
         before = {k: storage.load(state, k).clone() for k in ("exp_avg", "exp_avg_sq")}
-        opt._rotate_moments(state, proj, new)
+        opt._rotate_moments(state, proj, new, torch.tensor(True))
         assert state["exp_avg"].dtype == torch.uint8  # still stored in 8 bits
         for k, squared in (("exp_avg", False), ("exp_avg_sq", True)):
             expected = proj.rotate(before[k], state, new, squared=squared)

@@ -126,7 +126,7 @@ def _kwargs(optim_input):
 
 
 def _refresh_kinds(opt) -> set[str]:
-    return {t["refresh"] for t in opt._telemetry.values() if "refresh" in t}
+    return {r["refresh"] for p in opt._telemetry if (r := opt.last_refresh(p))}
 
 
 class TestCoapOptimizers(TestCase):

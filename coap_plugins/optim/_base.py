@@ -45,6 +45,7 @@ from ..projection.linalg import (
     CORRELATION_LOSSES,
     DEFAULT_BASIS_ALIGNMENT,
     DEFAULT_CORRELATION_LOSS,
+    SvdFallbacks,
 )
 from ..projection.routing import PROJECTION_REASONS, policy_reason, route_in_group
 from ..schedule import ProjectionSchedule
@@ -66,7 +67,7 @@ _LATER_SETTINGS = {
 DEFAULT_UPDATE_SCALE: float | str = "auto"
 DEFAULT_RESIDUAL = "scaled"
 # what becomes of the gradient outside the subspace: dropped (the paper), or applied at the
-# projected update's relative step size (see CoapOptimizer._apply_projected)
+# projected update's relative step size (see CoapOptimizer._apply_batches)
 RESIDUALS = ("none", "scaled")
 _RESIDUAL_FLOOR = 0.1
 
@@ -89,10 +90,97 @@ def param_seed(base: int, shape: tuple[int, ...], name: str | None, index: int) 
 _EMPTY_PROJECTION = 1e-10
 
 
-def _all_finite(t: torch.Tensor) -> bool:
-    """One reduction instead of an elementwise isfinite: a non-finite element makes the sum
-    non-finite (a finite sum that overflows is treated as non-finite too, which is safe)."""
-    return bool(torch.isfinite(t.sum()))
+class _Member:
+    """One projected parameter in a step: the tensor, its fp32 gradient, state, projector,
+    index in its group and the refresh due."""
+
+    __slots__ = ("param", "grad", "state", "proj", "index", "refresh")
+
+    def __init__(self, param, grad, state, proj, index, refresh) -> None:
+        self.param, self.grad, self.state, self.proj, self.index, self.refresh = (
+            param,
+            grad,
+            state,
+            proj,
+            index,
+            refresh,
+        )
+
+
+class _Batch:
+    """Projected parameters of one group with the same projector shape and ranks, dtype, device
+    and refresh kind: projected and back-projected together with batched products.
+
+    ``stacked`` is the ``(B, *shape)`` stack of their fp32 gradients, ``projs`` their stacked
+    projectors (and transposes), ``core``/``ctx`` the batched projection.  Moments stay per
+    parameter in ``optimizer.state``; only the step's temporaries are stacked.
+    """
+
+    def __init__(self, members: list[_Member]) -> None:
+        self.members = members
+        self.proj = members[0].proj
+        self.refresh = members[0].refresh
+        grads = [m.grad for m in members]
+        self.stacked = torch.stack(grads) if len(grads) > 1 else grads[0].unsqueeze(0)
+        self.pending: list = []
+        self.projs: dict[str, torch.Tensor] = {}
+        self.core: torch.Tensor
+        self.ctx: torch.Tensor | None = None
+
+    def project(self, stacks: dict) -> None:
+        """Project the batch with its projectors as they are in the state.
+
+        The stacked projectors are kept in ``stacks`` between steps: for a batch of several
+        layers the stack *is* their storage (each layer's ``state`` entry becomes a view of its
+        row, so nothing is held twice and ``state_dict`` stays per parameter), for a single
+        layer it is a view.  A refresh or ``load_state_dict`` puts other tensors in the state,
+        which the identity check below notices: the batch is then stacked again.
+        """
+        keys = tuple(self.proj.state_shapes())
+        current = tuple(m.state[k] for m in self.members for k in keys)
+        ident = tuple(id(m.param) for m in self.members)
+        hit = stacks.get(ident)
+        if hit is None or len(hit[0]) != len(current) or any(a is not b for a, b in zip(hit[0], current)):
+            projs: dict[str, torch.Tensor] = {}
+            for k in keys:
+                if len(self.members) == 1:
+                    projs[k] = self.members[0].state[k].unsqueeze(0)
+                else:
+                    projs[k] = torch.stack([m.state[k] for m in self.members])
+                    for j, m in enumerate(self.members):
+                        m.state[k] = projs[k][j]
+                projs[k + "_t"] = projs[k].transpose(1, 2)
+            hit = (tuple(m.state[k] for m in self.members for k in keys), projs)
+            stacks[ident] = hit
+        self.projs = hit[1]
+        self.core, self.ctx = self.proj.project_batch(self.projs, self.stacked)
+
+
+def _batches(members: list[_Member]) -> list[_Batch]:
+    """Members grouped by what lets them share batched products (in order of first appearance)."""
+    keyed: dict[tuple, list[_Member]] = {}
+    for m in members:
+        key = (
+            m.proj.kind,
+            m.proj.shape,
+            tuple(m.proj.ranks.values()),
+            m.param.dtype,
+            m.param.device,
+            m.refresh,
+        )
+        keyed.setdefault(key, []).append(m)
+    return [_Batch(ms) for ms in keyed.values()]
+
+
+class _Plan:
+    """A param group's work in one step."""
+
+    def __init__(self, group: dict[str, Any]) -> None:
+        self.group = group
+        self.full: list[tuple[torch.Tensor, torch.Tensor, dict]] = []
+        self.projected: list[_Member] = []
+        self.waiting: list[_Member] = []
+        self.batches: list[_Batch] = []
 
 
 def coap_defaults(**settings: Any) -> dict[str, Any]:
@@ -112,6 +200,8 @@ class CoapOptimizer(Optimizer):
     # the moments (state keys) that are never negative: the 8-bit storage keeps them with the
     # unsigned code map.  Each optimizer names its own.
     nonnegative_moments: frozenset[str] = frozenset()
+    # settings added after the first release, with the value an older pickle behaves as
+    _later_settings: dict[str, Any] = _LATER_SETTINGS
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         self._init_runtime()
@@ -124,6 +214,8 @@ class CoapOptimizer(Optimizer):
         self._storage = self.storage_class(self.nonnegative_moments)
         self._projectors: dict[torch.Tensor, tuple[tuple, Projector | None, str]] = {}
         self._telemetry: dict[torch.Tensor, dict[str, Any]] = {}
+        # stacked projectors of each batch of same-shaped layers, kept between steps (_Batch.project)
+        self._stacks: dict[tuple[int, ...], tuple] = {}
         self.last_refresh_seconds = 0.0
 
     # -- groups and validation ---------------------------------------------------------------
@@ -170,7 +262,7 @@ class CoapOptimizer(Optimizer):
         super().__setstate__(state)
         if "_owned_keys" not in self.__dict__:  # pickled by an older version
             self._owned_keys = tuple(k for k in self.defaults if k != "differentiable")
-        for key, value in _LATER_SETTINGS.items():  # pickled before these settings existed
+        for key, value in self._later_settings.items():  # pickled before these settings existed
             if key not in self.defaults:
                 self.defaults[key] = value
                 self._owned_keys += (key,)
@@ -239,136 +331,207 @@ class CoapOptimizer(Optimizer):
     # -- the step ----------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One step for every parameter with a gradient.
+
+        The flow, for the whole model at once: gather each group's parameters (full rank,
+        projected, waiting for a first usable gradient); set the waiting ones up (one host sync
+        for all of them, one more if a fast recalibration needs its fallback); stack the
+        projected gradients of same-shaped layers and project each stack with one batched
+        product; run the refreshes that are due (no host sync for a correlation update, one
+        for every recalibration of the step together); then the subclass's functional update:
+        the full-rank tensors in one call per group, the projected moments of every layer in
+        one pass, and one batched back-projection per stack.  An ordinary step reads nothing
+        back from the device.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         self.last_refresh_seconds = 0.0
-        for group in self.param_groups:
-            schedule = None
-            if group["schedule"] == "optimizer":
-                schedule = ProjectionSchedule(group["update_interval"], group["reproject_factor"])
-            for i, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                if grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                if torch.is_complex(p) or torch.is_complex(grad):
-                    raise RuntimeError(f"{type(self).__name__} does not support complex parameters (got {p.dtype})")
-                proj, _ = self._route(p, group, i)
-                state = self.state[p]
-                g32 = grad if grad.dtype == torch.float32 else grad.float()
-                if proj is None:
-                    self._full_rank_step(p, g32, state, group)
-                else:
-                    self._projected_step(p, g32, state, group, proj, schedule, i)
+        plans = [self._gather(group) for group in self.param_groups]
+        self._set_up(plans)
+        start = time.perf_counter()
+        fallbacks = SvdFallbacks()
+        refreshing = []
+        for group, plan in zip(self.param_groups, plans):
+            plan.batches = _batches(plan.projected)
+            for batch in plan.batches:
+                batch.project(self._stacks)
+                if batch.refresh != "none":
+                    self._refresh_batch(group, batch, fallbacks)
+                    refreshing.append((group, batch))
+        if refreshing:
+            fallbacks.resolve()  # the step's one host sync, only when it recalibrates
+            for group, batch in refreshing:
+                self._finish_refresh(group, batch)
+            self.last_refresh_seconds = time.perf_counter() - start
+        for group, plan in zip(self.param_groups, plans):
+            if plan.full:
+                self._full_rank_update(group, *zip(*plan.full))
+            if plan.batches:
+                self._projected_update(group, plan.batches)
             group["pending_refresh"] = "none"
         return loss
 
-    def _projected_step(
-        self,
-        p: torch.Tensor,
-        g: torch.Tensor,
-        state: dict[str, Any],
-        group: dict[str, Any],
-        proj: Projector,
-        schedule: ProjectionSchedule | None,
-        index: int,
-    ) -> None:
-        tel = self._telemetry.setdefault(p, {})
-        if not state:
-            peak = g.abs().amax()
-            if not bool(torch.isfinite(peak) & (peak > 0)):
-                # Nothing to learn from yet (e.g. a block behind a zero-initialised norm): only decay.
-                self._decay_only(p, group)
-                return
-            names = group.get("param_names")
-            seed = param_seed(group["seed"], tuple(p.shape), names[index] if names else None, index)
-            proj.setup(state, g, seed)
-            self._init_moments(state, proj.moment_shape, p, group)
-            state["step"] = 0
-            refresh = "none"
-        else:
-            refresh = group["pending_refresh"]
-            if schedule is not None and refresh == "none":
-                refresh = schedule.refresh_at(state["step"] + 1)
-        state["step"] += 1
-        core, ctx = proj.project(state, g)
-        if refresh != "none":
-            start = time.perf_counter()
-            # A non-finite gradient shows in the projection, and so does one with nothing in the
-            # subspace (an all-zero gradient, or one orthogonal to P up to rounding): neither may
-            # reach P (an SVD of nothing would replace P by arbitrary unit vectors).
-            energy = core.square().sum()
-            total = torch.linalg.vector_norm(g).square()
-            skipped = None
-            if not bool(torch.isfinite(energy) & (energy > _EMPTY_PROJECTION * total)):
-                skipped = "non-finite" if not bool(torch.isfinite(energy)) else "zero projected gradient"
-            if skipped is None:
-                new, cos = proj.refresh(
-                    state,
-                    g,
-                    core,
-                    ctx,
-                    refresh,
-                    self._direction_moment(state, core),
-                    group["correlation_loss"],
-                    group["basis_alignment"],
-                )
-                if all(_all_finite(t) for t in new.values()):
-                    if group["restore_state"]:
-                        self._rotate_moments(state, proj, new)
-                    state.update(new)
-                    # Algorithm 1: this step's gradient is projected with the new projector
-                    core, _ = proj.project(state, g)
-                    # energy of G outside the subspace now in use (exact for an orthonormal
-                    # projector); the cosine term is the correlation loss's, at P_{t-1}
-                    captured = core.square().sum() / total.clamp_min(1e-30)
-                    tel.update(refresh=refresh, step=state["step"], recon_error=(1 - captured).clamp_min(0).sqrt())
-                    tel.pop("cos", None)
-                    if cos is not None:
-                        tel["cos"] = cos
-                else:
-                    skipped = "non-finite"
-            if skipped is not None:
-                tel.update(refresh=f"skipped ({skipped})", step=state["step"])
-            self.last_refresh_seconds += time.perf_counter() - start
-        self._update_projected(p, core, state, group, proj, g)
+    def _gather(self, group: dict[str, Any]) -> _Plan:
+        """Sort a group's parameters with a gradient: full rank (state set up and step counted
+        here), projected (step counted, refresh kind decided) or waiting for set-up."""
+        plan = _Plan(group)
+        schedule = None
+        if group["schedule"] == "optimizer":
+            schedule = ProjectionSchedule(group["update_interval"], group["reproject_factor"])
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            grad = p.grad
+            if grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            if torch.is_complex(p) or torch.is_complex(grad):
+                raise RuntimeError(f"{type(self).__name__} does not support complex parameters (got {p.dtype})")
+            proj, _ = self._route(p, group, i)
+            state = self.state[p]
+            g32 = grad if grad.dtype == torch.float32 else grad.float()
+            if proj is None:
+                if not state:
+                    state["step"] = 0
+                    self._init_moments(state, tuple(p.shape), p, group)
+                state["step"] += 1
+                plan.full.append((p, g32, state))
+            elif not state:
+                plan.waiting.append(_Member(p, g32, state, proj, i, "none"))
+            else:
+                refresh = group["pending_refresh"]
+                if schedule is not None and refresh == "none":
+                    refresh = schedule.refresh_at(state["step"] + 1)
+                state["step"] += 1
+                plan.projected.append(_Member(p, g32, state, proj, i, refresh))
+        return plan
 
-    def _apply_projected(
-        self,
-        p: torch.Tensor,
-        update: torch.Tensor,
-        alpha: float,
-        core: torch.Tensor,
-        grad: torch.Tensor,
-        state: dict[str, Any],
-        group: dict[str, Any],
-        proj: Projector,
+    def _set_up(self, plans: list[_Plan]) -> None:
+        """Projectors of the layers seeing their first gradient: one host sync decides which
+        gradients are usable (finite, not all zero), one more resolves the recalibrations'
+        fallbacks.  A layer whose gradient is unusable only takes weight decay (e.g. a block
+        behind a zero-initialised norm) and waits for the next."""
+        waiting = [(group, plan, m) for group, plan in zip(self.param_groups, plans) for m in plan.waiting]
+        if not waiting:
+            return
+        peaks = [m.grad.abs().amax() for _, _, m in waiting]
+        flags = torch.stack([torch.isfinite(peak) & (peak > 0) for peak in peaks])
+        usable = [True] * len(waiting) if bool(flags.all()) else flags.cpu().tolist()
+        fallbacks = SvdFallbacks()
+        for (group, plan, m), ok in zip(waiting, usable):
+            if not ok:
+                self._decay_only(m.param, group)
+                continue
+            names = group.get("param_names")
+            seed = param_seed(group["seed"], tuple(m.param.shape), names[m.index] if names else None, m.index)
+            m.proj.setup(m.state, m.grad, seed, fallbacks)
+            self._init_moments(m.state, m.proj.moment_shape, m.param, group)
+            m.state["step"] = 1
+            plan.projected.append(m)
+        fallbacks.resolve()
+
+    def _refresh_batch(self, group: dict[str, Any], batch: _Batch, fallbacks: SvdFallbacks) -> None:
+        """The new projectors of a batch's layers (step 3 of the flow), left pending until the
+        step's recalibration fallbacks are resolved.  A non-finite gradient shows in the
+        projection, and so does one with nothing in the subspace (all zero, or orthogonal to P up
+        to rounding): either keeps the old projector (an SVD of nothing would replace P by
+        arbitrary unit vectors), decided on the device."""
+        for j, m in enumerate(batch.members):
+            core = batch.core[j]
+            energy = core.square().sum()
+            total = torch.linalg.vector_norm(m.grad).square()
+            finite = torch.isfinite(energy)
+            usable = finite & (energy > _EMPTY_PROJECTION * total)
+            fallbacks.guard = usable
+            new, cos = m.proj.refresh(
+                m.state,
+                m.grad,
+                core,
+                None if batch.ctx is None else batch.ctx[j],
+                batch.refresh,
+                self._direction_moment(m.state, core),
+                group["correlation_loss"],
+                group["basis_alignment"],
+                fallbacks,
+            )
+            batch.pending.append((finite, usable, total, new, cos))
+        fallbacks.guard = None
+
+    def _finish_refresh(self, group: dict[str, Any], batch: _Batch) -> None:
+        """Lay the new projectors in (where they are usable and finite; the old ones stay
+        otherwise), carry the moments over (``restore_state``), and project the batch again with
+        ``P_t``: this step's update already uses the new basis, as Algorithm 1 does."""
+        for m, (finite, usable, total, new, cos) in zip(batch.members, batch.pending):
+            ok = usable
+            for t in new.values():
+                ok = ok & torch.isfinite(t.sum())
+            if group["restore_state"]:
+                self._rotate_moments(m.state, m.proj, new, ok)
+            for key, t in new.items():
+                m.state[key] = torch.where(ok, t, m.state[key])
+            tel = self._telemetry.setdefault(m.param, {})
+            tel.update(refresh=batch.refresh, step=m.state["step"], outcome=(finite, usable, ok), total=total)
+            tel["new_cos"] = cos
+        batch.pending.clear()
+        batch.project(self._stacks)
+        for j, m in enumerate(batch.members):
+            tel = self._telemetry[m.param]
+            # energy of G outside the subspace now in use (exact for an orthonormal projector);
+            # the cosine term is the correlation loss's, at P_{t-1}
+            captured = batch.core[j].square().sum() / tel.pop("total").clamp_min(1e-30)
+            ok = tel["outcome"][2]
+            recon = (1 - captured).clamp_min(0).sqrt()
+            tel["recon_error"] = recon if "recon_error" not in tel else torch.where(ok, recon, tel["recon_error"])
+            cos = tel.pop("new_cos")
+            if cos is not None:
+                tel["cos"] = cos if "cos" not in tel else torch.where(ok, cos, tel["cos"])
+            elif "cos" in tel:
+                # a recalibration: the last correlation update's cosine no longer describes P
+                tel["cos"] = torch.where(ok, torch.full_like(tel["cos"], math.nan), tel["cos"])
+
+    def _apply_batches(
+        self, group: dict[str, Any], batches: list[_Batch], updates: list[torch.Tensor], cores: list[torch.Tensor]
     ) -> None:
-        """``p += alpha * (s * back(update) + phi * (grad - back(core)))``.
+        """``p += s * back(u) + phi * (grad - back(core))`` for every projected parameter: ``u``
+        (one per member, in batch order) is the step's update in the projected space, already
+        scaled by its (negative) step size.
 
         ``s`` is the group's ``update_scale`` (``"auto"``: the projector's ``size_ratio``); the
         second term, with ``residual="scaled"``, is the part of the gradient outside the
         subspace at the step size the projected update has relative to its own gradient,
-        ``phi = |update| / max(|core|, 0.1 |grad|)`` (``update`` may carry a tensor lr: ``phi``
-        carries it too).
+        ``phi = -|u| / max(|core|, 0.1 |grad|)`` (negative: ``u`` is a descent step; ``u`` may
+        carry a tensor lr, and ``phi`` carries it too); ``cores`` are the members' projected gradients (the batches' ``core`` unbound).  ``s U P^T + phi (G - G_p P^T) = (s U - phi G_p) P^T + phi G``: one batched
+        back-projection of core-sized tensors, added into the stack of ``phi G``; no
+        weight-sized temporary besides that stack.  The norms of every member come from three
+        ``_foreach_norm`` calls.
         """
-        scale = group["update_scale"]
-        scale = proj.size_ratio if scale == "auto" else scale
-        if group["residual"] != "scaled":
-            proj.apply_update(p, update, state, alpha * scale)
-            return
-        # s U P^T + phi (G - G_p P^T) = (s U - phi G_p) P^T + phi G: one back-projection of a
-        # core-sized tensor and one elementwise pass over the weight, no weight-sized temporary
-        # the denominator is at least a tenth of the gradient's norm: a gradient the subspace
-        # barely holds (|G P| -> 0) cannot blow the residual up past 10x the projected update
-        floor = torch.linalg.vector_norm(grad).mul_(_RESIDUAL_FLOOR).clamp_min_(1e-30)
-        phi = torch.linalg.vector_norm(update) / torch.maximum(torch.linalg.vector_norm(core), floor)
-        combined = torch.mul(update, scale).addcmul_(core, phi, value=-1.0)
-        proj.apply_update(p, combined, state, alpha)
-        p.addcmul_(grad, phi, value=alpha)
+        scales = [b.proj.size_ratio if group["update_scale"] == "auto" else group["update_scale"] for b in batches]
+        member_scales = [s for s, b in zip(scales, batches) for _ in b.members]
+        if group["residual"] == "scaled":
+            grads = [m.grad for b in batches for m in b.members]
+            # the denominator is at least a tenth of the gradient's norm: a gradient the subspace
+            # barely holds (|G P| -> 0) cannot blow the residual up past 10x the projected update
+            floor = torch.stack(torch._foreach_norm(grads)).mul_(_RESIDUAL_FLOOR).clamp_min_(1e-30)
+            # negative: ``u`` carries the descent sign of its step size, the residual takes it too
+            phi = torch.stack(torch._foreach_norm(updates)).div_(
+                torch.maximum(torch.stack(torch._foreach_norm(cores)), floor).neg_()
+            )
+            phis = phi.unbind(0)
+            torch._foreach_mul_(updates, member_scales)
+            torch._foreach_addcmul_(updates, cores, phis, value=-1.0)
+            torch._foreach_addcmul_([m.param for b in batches for m in b.members], grads, phis)
+        elif any(s != 1 for s in scales):
+            torch._foreach_mul_(updates, member_scales)
+        offset = 0
+        for b in batches:
+            n = len(b.members)
+            delta = b.proj.back_project_batch(b.projs, torch.stack(updates[offset : offset + n]))
+            params = [m.param for m in b.members]
+            if params[0].dtype != torch.float32:
+                delta = delta.to(params[0].dtype)
+            torch._foreach_add_(params, delta.unbind(0))
+            offset += n
 
     def _decay_only(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         if group["weight_decay"] != 0 and group["lr"] is not None:
@@ -386,13 +549,17 @@ class CoapOptimizer(Optimizer):
     def _direction_moment(self, state: dict, core: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _update_projected(self, p, core, state, group, proj, grad) -> None:
+    def _full_rank_update(self, group: dict, params: tuple, grads: tuple, states: tuple) -> None:
+        """The full-rank update of a group's unprojected parameters (steps already counted)."""
         raise NotImplementedError
 
-    def _full_rank_step(self, p, g, state, group) -> None:
+    def _projected_update(self, group: dict, batches: list[_Batch]) -> None:
+        """Moments of every projected parameter of the group from its batch's ``core``, then
+        :meth:`_apply_batches`."""
         raise NotImplementedError
 
-    def _rotate_moments(self, state: dict, proj: Projector, new: dict[str, torch.Tensor]) -> None:
+    def _rotate_moments(self, state: dict, proj: Projector, new: dict[str, torch.Tensor], ok: torch.Tensor) -> None:
+        """Carry the moments into the new basis where ``ok`` (a 0-d bool), keep them otherwise."""
         raise NotImplementedError
 
     def _full_rank_equivalent_bytes(self, p: torch.Tensor, group: dict) -> int:
@@ -471,6 +638,7 @@ class CoapOptimizer(Optimizer):
                 if isinstance(v, torch.Tensor) and live[k].dtype != v.dtype:
                     live[k] = v.to(device=p.device, copy=True)
         self._telemetry.clear()
+        self._stacks.clear()
 
     # -- telemetry ---------------------------------------------------------------------------
     def state_bytes(self, p: torch.Tensor | None = None) -> int:
@@ -538,19 +706,40 @@ class CoapOptimizer(Optimizer):
         ``coap/reconstruction_error/<name>`` and ``coap/cosine/<name>``."""
         if self.state.get(param):
             optimizer_metrics[f"coap/state_bytes/{name}"] = self.state_bytes(param)
-            tel = self._telemetry.get(param, {})
+            tel = self.last_refresh(param) or {}
             if "recon_error" in tel:
                 optimizer_metrics[f"coap/reconstruction_error/{name}"] = tel["recon_error"]
             if "cos" in tel:
                 optimizer_metrics[f"coap/cosine/{name}"] = tel["cos"]
         return optimizer_metrics
 
+    def last_refresh(self, param: torch.Tensor) -> dict[str, Any] | None:
+        """What the last refresh of ``param`` did, or ``None`` before its first: ``refresh`` (the
+        kind, or ``"skipped (non-finite)"`` / ``"skipped (zero projected gradient)"`` when the old
+        projector was kept), ``step``, and when known ``recon_error`` (energy of the gradient
+        outside the subspace in use, relative) and ``cos`` (the correlation update's direction
+        term).  The step keeps these on the device; this reads them back (call it when you log)."""
+        tel = self._telemetry.get(param)
+        if not tel or "refresh" not in tel:
+            return None
+        finite, usable, ok = (bool(t) for t in torch.stack(list(tel["outcome"])).tolist())
+        label = tel["refresh"]
+        if not finite or (usable and not ok):
+            label = "skipped (non-finite)"
+        elif not usable:
+            label = "skipped (zero projected gradient)"
+        out: dict[str, Any] = {"refresh": label, "step": tel["step"]}
+        for key in ("recon_error", "cos"):
+            if key in tel and math.isfinite(value := float(tel[key])):
+                out[key] = value
+        return out
+
     def coap_report(self) -> dict[str, Any]:
         """Totals and per-parameter telemetry (reads device scalars: call it when you log)."""
         layers = []
         for row in self.routing():
             p = self.param_groups[row["group"]]["params"][row["index"]]
-            tel = self._telemetry.get(p, {})
+            tel = self.last_refresh(p) or {}
             entry = {
                 "name": row["name"] or f"group{row['group']}.param{row['index']}",
                 "shape": row["shape"],
@@ -565,7 +754,7 @@ class CoapOptimizer(Optimizer):
                 entry["last_refresh_step"] = tel["step"]
                 for k in ("recon_error", "cos"):
                     if k in tel:
-                        entry[k] = float(tel[k])
+                        entry[k] = tel[k]
             layers.append(entry)
         total = sum(e["state_bytes"] for e in layers)
         full = sum(e["full_rank_bytes"] for e in layers)

@@ -10,7 +10,7 @@ import torch
 from .._checks import check_lr, check_nonnegative, conv_ratio_alias
 from ..projection import DEFAULT_MIN_CONV_NUMEL, Projector
 from ..projection.linalg import DEFAULT_BASIS_ALIGNMENT, DEFAULT_CORRELATION_LOSS
-from ._base import DEFAULT_RESIDUAL, CoapOptimizer, coap_defaults
+from ._base import DEFAULT_RESIDUAL, CoapOptimizer, _Batch, coap_defaults
 from .adamw import ParamsT
 
 __all__ = ["CoapAdafactor", "adafactor_direction"]
@@ -209,10 +209,10 @@ class CoapAdafactor(CoapOptimizer):
     def _direction_moment(self, state: dict, core: torch.Tensor) -> torch.Tensor:
         return self._storage.load(state, "exp_avg") if "exp_avg" in state else core
 
-    def _rotate_moments(self, state: dict, proj: Projector, new: dict[str, torch.Tensor]) -> None:
+    def _rotate_moments(self, state: dict, proj: Projector, new: dict[str, torch.Tensor], ok: torch.Tensor) -> None:
         if "exp_avg" in state:
-            rotated = proj.rotate(self._storage.load(state, "exp_avg"), state, new, squared=False)
-            self._storage.store(state, "exp_avg", rotated)
+            m = self._storage.load(state, "exp_avg")
+            self._storage.store(state, "exp_avg", torch.where(ok, proj.rotate(m, state, new, squared=False), m))
 
     def _full_rank_equivalent_bytes(self, p: torch.Tensor, group: dict) -> int:
         shapes = self._moment_shapes(tuple(p.shape), group)
@@ -238,7 +238,9 @@ class CoapAdafactor(CoapOptimizer):
         if group["weight_decay"] != 0:
             p.mul_(1 - self._step_lr(p, group, 1) * group["weight_decay"])
 
-    def _apply(self, p: torch.Tensor, g: torch.Tensor, state: dict, group: dict, apply_update) -> None:
+    def _direction(self, p: torch.Tensor, g: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
+        """The step's update for ``g`` (a full gradient or a projected core), scaled by its
+        negative learning rate, with the moments updated and the weight decay applied to ``p``."""
         step = state["step"]
         lr = self._step_lr(p, group, step)
         beta2t = 1.0 - math.pow(step, group["decay_rate"])
@@ -254,29 +256,15 @@ class CoapAdafactor(CoapOptimizer):
             self._storage.store(state, "exp_avg", update)
         if group["weight_decay"] != 0:
             p.mul_(1 - lr * group["weight_decay"])
-        if isinstance(lr, torch.Tensor):
-            apply_update(update * lr, -1.0)
-        else:
-            apply_update(update, -lr)
+        return update * lr.neg() if isinstance(lr, torch.Tensor) else update * -lr
 
-    def _full_rank_step(self, p: torch.Tensor, g: torch.Tensor, state: dict, group: dict) -> None:
-        if not state:
-            state["step"] = 0
-            self._init_moments(state, tuple(p.shape), p, group)
-        state["step"] += 1
+    def _full_rank_update(self, group: dict, params: tuple, grads: tuple, states: tuple) -> None:
+        """Adafactor per tensor (its factored statistics have a shape of their own per tensor)."""
+        for p, g, state in zip(params, grads, states):
+            p.add_(self._direction(p, g, state, group).to(p.dtype))
 
-        def apply_update(update: torch.Tensor, alpha: float) -> None:
-            p.add_(update.to(p.dtype), alpha=alpha)
-
-        self._apply(p, g, state, group, apply_update)
-
-    def _update_projected(
-        self, p: torch.Tensor, core: torch.Tensor, state: dict, group: dict, proj: Projector, grad: torch.Tensor
-    ) -> None:
-        self._apply(
-            p,
-            core,
-            state,
-            group,
-            lambda update, alpha: self._apply_projected(p, update, alpha, core, grad, state, group, proj),
-        )
+    def _projected_update(self, group: dict, batches: list[_Batch]) -> None:
+        cores = [c for b in batches for c in b.core.unbind(0)]
+        members = [m for b in batches for m in b.members]
+        updates = [self._direction(m.param, core, m.state, group) for m, core in zip(members, cores)]
+        self._apply_batches(group, batches, updates, cores)

@@ -9,29 +9,13 @@ import torch
 from .._checks import check_lr, check_nonnegative, conv_ratio_alias
 from ..projection import DEFAULT_MIN_CONV_NUMEL, Projector
 from ..projection.linalg import DEFAULT_BASIS_ALIGNMENT, DEFAULT_CORRELATION_LOSS
-from ._base import DEFAULT_RESIDUAL, DEFAULT_UPDATE_SCALE, CoapOptimizer, coap_defaults
+from ._storage import MomentStorage
+from ._base import DEFAULT_RESIDUAL, DEFAULT_UPDATE_SCALE, CoapOptimizer, _Batch, coap_defaults
+from ._functional import adam_projected_updates, adamw_full_rank
 
-__all__ = ["CoapAdamW", "adam_moments", "adam_update_scale"]
+__all__ = ["CoapAdamW"]
 
 ParamsT = Any  # an iterable of tensors, of (name, tensor) pairs, or of param-group dicts
-
-
-def adam_moments(
-    exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor, beta1: float, beta2: float
-) -> None:
-    """Adam's moment updates, in place, in the order torch.optim.AdamW applies them."""
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-
-
-def adam_update_scale(
-    lr: float | torch.Tensor, beta1: float, beta2: float, step: int
-) -> tuple[float | torch.Tensor, float]:
-    """``(step_size, sqrt(bias_correction2))`` as torch.optim.AdamW computes them (``step_size``
-    is a 0-d tensor when ``lr`` is one)."""
-    bias_correction1 = 1 - beta1**step
-    bias_correction2 = 1 - beta2**step
-    return lr / bias_correction1, bias_correction2**0.5
 
 
 class CoapAdamW(CoapOptimizer):
@@ -80,6 +64,11 @@ class CoapAdamW(CoapOptimizer):
             ``"scaled"``).
         min_conv_numel: convs with at most this many elements stay full rank (default 9216).
         seed: base seed of the projectors' random starts (default 0).
+        foreach: the full-rank tensors' update: ``True`` is torch's multi-tensor AdamW (one
+            ``torch._foreach_*`` call per operation for the whole group), ``False`` its
+            single-tensor loop; each equals ``torch.optim.AdamW`` with the same flag bit for bit.
+            ``None`` (default) is ``True`` (on CPU too: the two give identical results there).
+            Projected parameters always take the batched path.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
@@ -87,6 +76,7 @@ class CoapAdamW(CoapOptimizer):
     """
 
     nonnegative_moments = frozenset({"exp_avg_sq"})
+    _later_settings = {**CoapOptimizer._later_settings, "foreach": None}
 
     def __init__(
         self,
@@ -109,12 +99,14 @@ class CoapAdamW(CoapOptimizer):
         min_conv_numel: int = DEFAULT_MIN_CONV_NUMEL,
         seed: int = 0,
         rank_ratio_cnn: float | None = None,
+        foreach: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
             betas=betas,
             eps=eps,
             weight_decay=weight_decay,
+            foreach=foreach,
             **coap_defaults(
                 rank=rank,
                 rank_ratio_matrix=rank_ratio_matrix,
@@ -147,6 +139,8 @@ class CoapAdamW(CoapOptimizer):
             if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
                 raise ValueError(f"Invalid beta parameter at index {i}: {b!r} (must be in [0, 1))")
         check_nonnegative("weight_decay value", group["weight_decay"])
+        if group["foreach"] not in (None, True, False):
+            raise ValueError(f"Invalid foreach: {group['foreach']!r} (expected True, False or None)")
         super()._validate_group(group)
 
     # -- moments -----------------------------------------------------------------------------
@@ -156,56 +150,66 @@ class CoapAdamW(CoapOptimizer):
     def _direction_moment(self, state: dict, core: torch.Tensor) -> torch.Tensor:
         return self._storage.load(state, "exp_avg")
 
-    def _rotate_moments(self, state: dict, proj: Projector, new: dict[str, torch.Tensor]) -> None:
+    def _rotate_moments(self, state: dict, proj: Projector, new: dict[str, torch.Tensor], ok: torch.Tensor) -> None:
         # The first moment rotates exactly; the second moment is an elementwise average of
         # squares, carried by the squared rotation (keeps it non-negative; exact for
         # permutations and sign flips of the basis).
         load, store = self._storage.load, self._storage.store
-        store(state, "exp_avg", proj.rotate(load(state, "exp_avg"), state, new, squared=False))
-        store(state, "exp_avg_sq", proj.rotate(load(state, "exp_avg_sq"), state, new, squared=True).clamp_min_(0))
+        m, v = load(state, "exp_avg"), load(state, "exp_avg_sq")
+        store(state, "exp_avg", torch.where(ok, proj.rotate(m, state, new, squared=False), m))
+        store(state, "exp_avg_sq", torch.where(ok, proj.rotate(v, state, new, squared=True).clamp_min_(0), v))
 
     def _full_rank_equivalent_bytes(self, p: torch.Tensor, group: dict) -> int:
         return 2 * p.numel() * p.element_size()
 
     # -- updates -----------------------------------------------------------------------------
-    def _full_rank_step(self, p: torch.Tensor, g: torch.Tensor, state: dict, group: dict) -> None:
-        """The torch.optim.AdamW single-tensor update (bit-identical for fp32 parameters)."""
+    def _full_rank_update(self, group: dict, params: tuple, grads: tuple, states: tuple) -> None:
+        """torch.optim.AdamW's update, bit for bit (``foreach`` as torch's flag)."""
         beta1, beta2 = group["betas"]
-        lr, wd = group["lr"], group["weight_decay"]
-        if not state:
-            state["step"] = 0
-            self._init_moments(state, tuple(p.shape), p, group)
-        state["step"] += 1
-        if wd != 0:
-            p.mul_(1 - lr * wd)
-        exp_avg, exp_avg_sq = self._storage.load(state, "exp_avg"), self._storage.load(state, "exp_avg_sq")
-        adam_moments(exp_avg, exp_avg_sq, g, beta1, beta2)
-        step_size, bc2_sqrt = adam_update_scale(lr, beta1, beta2, state["step"])
-        denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(group["eps"])
-        if isinstance(step_size, torch.Tensor):  # a tensor lr: scale on the device, never read it
-            p.add_((exp_avg / denom).mul_(-step_size).to(p.dtype))
-        elif p.dtype == torch.float32:
-            p.addcdiv_(exp_avg, denom, value=-step_size)
-        else:
-            p.add_((exp_avg / denom).to(p.dtype), alpha=-step_size)
-        self._storage.store(state, "exp_avg", exp_avg)
-        self._storage.store(state, "exp_avg_sq", exp_avg_sq)
+        load = self._storage.load
+        exp_avgs = [load(st, "exp_avg") for st in states]
+        exp_avg_sqs = [load(st, "exp_avg_sq") for st in states]
+        adamw_full_rank(
+            list(params),
+            list(grads),
+            exp_avgs,
+            exp_avg_sqs,
+            [st["step"] for st in states],
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            foreach=group["foreach"] is not False,
+        )
+        self._store_moments(states, exp_avgs, exp_avg_sqs)
 
-    def _update_projected(
-        self, p: torch.Tensor, core: torch.Tensor, state: dict, group: dict, proj: Projector, grad: torch.Tensor
-    ) -> None:
+    def _projected_update(self, group: dict, batches: list[_Batch]) -> None:
         beta1, beta2 = group["betas"]
         lr, wd = group["lr"], group["weight_decay"]
-        exp_avg, exp_avg_sq = self._storage.load(state, "exp_avg"), self._storage.load(state, "exp_avg_sq")
-        adam_moments(exp_avg, exp_avg_sq, core, beta1, beta2)
-        self._storage.store(state, "exp_avg", exp_avg)
-        self._storage.store(state, "exp_avg_sq", exp_avg_sq)
-        step_size, bc2_sqrt = adam_update_scale(lr, beta1, beta2, state["step"])
-        denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(group["eps"])
-        update = torch.div(exp_avg, denom, out=denom)
+        states = [m.state for b in batches for m in b.members]
+        load = self._storage.load
+        exp_avgs = [load(st, "exp_avg") for st in states]
+        exp_avg_sqs = [load(st, "exp_avg_sq") for st in states]
+        cores = [c for b in batches for c in b.core.unbind(0)]
+        updates = adam_projected_updates(
+            exp_avgs,
+            exp_avg_sqs,
+            cores,
+            [st["step"] for st in states],
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+        )
+        self._store_moments(states, exp_avgs, exp_avg_sqs)
         if wd != 0:
-            p.mul_(1 - lr * wd)
-        if isinstance(step_size, torch.Tensor):  # a tensor lr: scale on the device, never read it
-            self._apply_projected(p, update.mul_(step_size), -1.0, core, grad, state, group, proj)
-        else:
-            self._apply_projected(p, update, -step_size, core, grad, state, group, proj)
+            torch._foreach_mul_([m.param for b in batches for m in b.members], 1 - lr * wd)
+        self._apply_batches(group, batches, updates, cores)
+
+    def _store_moments(self, states: list, exp_avgs: list, exp_avg_sqs: list) -> None:
+        if type(self._storage).store is MomentStorage.store:  # fp32: the math ran on the state itself
+            return
+        for st, m, v in zip(states, exp_avgs, exp_avg_sqs):
+            self._storage.store(st, "exp_avg", m)
+            self._storage.store(st, "exp_avg_sq", v)

@@ -29,6 +29,8 @@ __all__ = [
     "correlation_step",
     "low_cost_svd",
     "random_orthonormal",
+    "recalibrate",
+    "SvdFallbacks",
 ]
 
 # The reference implementation clips the gradient of the correlation loss to norm 1.0 and takes
@@ -130,11 +132,12 @@ def correlation_grad(
         rel = (rows * cols) / h_sq.clamp_min(_TINY)
         c_mse, c_cos = c_mse * rel, c_cos * rel
     eye = torch.eye(s.shape[0], dtype=s.dtype, device=s.device)
-    # One H^T product carries both terms: X = c_mse * A (S - 2I) - c_cos * (w1 * M)
-    x = torch.addmm(m * w1[:, None], a, s - 2 * eye, beta=-c_cos, alpha=c_mse)
+    # One H^T product carries both terms: X = c_mse * A (S - 2I) - c_cos * (w1 * M).  The
+    # coefficients are device values: they scale tensors, never addmm's alpha/beta (a host read)
+    x = torch.mm(a, s - 2 * eye).mul_(c_mse).sub_(m * (w1 * c_cos)[:, None])
     grad = h.T @ x
     # The r x r terms: P (c_mse A^T A + c_cos M^T (w2 * M))
-    small = torch.addmm(ata, m.T, m * w2[:, None], beta=c_mse, alpha=c_cos)
+    small = torch.mm(m.T, m * (w2 * c_cos)[:, None]).add_(ata * c_mse)
     grad.addmm_(p, small)
     return CorrelationResult(grad, mse, cos)
 
@@ -168,9 +171,73 @@ def align_basis(old: torch.Tensor, new: torch.Tensor, mode: str) -> torch.Tensor
         dots = (old * new).sum(dim=0)
         return new * torch.where(dots < 0, -1.0, 1.0).to(new.dtype)
     if mode == "rotation":
-        u, _, vh = torch.linalg.svd((new.T @ old).double())
+        # a non-finite basis (a step the optimizer will discard) must not make the SVD raise
+        u, _, vh = torch.linalg.svd(torch.nan_to_num((new.T @ old).double(), nan=0.0, posinf=0.0, neginf=0.0))
         return new @ (u @ vh).to(new.dtype)
     return new
+
+
+class SvdFallbacks:
+    """Fast recalibrations whose fallback is decided later, for many layers at once.
+
+    The fast low-cost SVD knows on the device whether it succeeded; asking would cost one host
+    sync per call.  An optimizer step passes one ``SvdFallbacks`` to every recalibration it runs,
+    sets :attr:`guard` (a 0-d bool: is this layer's gradient usable at all?) before each layer,
+    and calls :meth:`resolve` once: a single sync reads every flag, and only the layers whose fast
+    path failed (and whose gradient was usable) run the Householder form, written in place into
+    the tensor the recalibration returned.
+    """
+
+    def __init__(self) -> None:
+        self.guard: torch.Tensor | None = None
+        self._pending: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, object]] = []
+
+    def add(self, ok: torch.Tensor, out: torch.Tensor, fallback) -> None:
+        self._pending.append((ok, self.guard, out, fallback))
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def resolve(self) -> int:
+        """Run the fallbacks that are needed; returns how many ran.  One host sync when every
+        fast path held (the common case), a second (a copy of the flags) when one did not."""
+        if not self._pending:
+            return 0
+        need = torch.stack([~ok if guard is None else guard & ~ok for ok, guard, _, _ in self._pending])
+        pending, self._pending = self._pending, []
+        if not bool(need.any()):
+            return 0
+        fell_back = 0
+        for (_, _, out, fallback), needed in zip(pending, need.cpu().tolist()):
+            if needed:
+                out.copy_(fallback())
+                fell_back += 1
+        return fell_back
+
+
+def recalibrate(
+    old: torch.Tensor | None,
+    h: torch.Tensor,
+    a: torch.Tensor,
+    rank: int,
+    alignment: str = DEFAULT_BASIS_ALIGNMENT,
+    fallbacks: SvdFallbacks | None = None,
+) -> torch.Tensor:
+    """The new projector of a recalibration: :func:`low_cost_svd` of ``(h, a)`` laid onto ``old``
+    (:func:`align_basis`; ``old=None``: as returned).  With ``fallbacks`` no host sync is made:
+    the fast path's result is returned and its Householder fallback registered there."""
+    if fallbacks is None:
+        new = low_cost_svd(h, a, rank)[0]
+        return new if old is None else align_basis(old, new, alignment)
+    z, _, ok = _low_cost_svd_fast(h, a, rank)
+    out = z if old is None else align_basis(old, z, alignment)
+
+    def fallback() -> torch.Tensor:
+        new = _low_cost_svd_householder(h, a, rank)[0]
+        return new if old is None else align_basis(old, new, alignment)
+
+    fallbacks.add(ok, out, fallback)
+    return out
 
 
 def low_cost_svd(h: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,36 +253,55 @@ def low_cost_svd(h: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Ten
     algebra runs in float64 (the Gram matrices square the condition number), and a Cholesky
     re-orthonormalization of Z removes the fp32 rounding of the last product.  This is 3-4x
     faster on CPU than LAPACK's Householder QR of A plus an SVD of the r x n matrix; when A or
-    the gradient is (numerically) rank-deficient the Householder path is used instead.
+    the gradient is (numerically) rank-deficient the Householder path is used instead (deciding
+    that reads one device flag: :class:`SvdFallbacks` batches the decision over many layers).
     """
+    z, sv, ok = _low_cost_svd_fast(h, a, rank)
+    if bool(ok):
+        return z, sv
+    return _low_cost_svd_householder(h, a, rank)
+
+
+def _low_cost_svd_fast(h: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fast form of :func:`low_cost_svd` without a host sync: ``(Z, S, ok)``, ``ok`` a 0-d
+    bool tensor saying whether every guard held.  Where one fails the factors are replaced by
+    identities on the device, so no decomposition sees NaNs or raises, and ``Z`` is garbage that
+    the caller must not use (see :class:`SvdFallbacks`)."""
     c = a.T @ h
     a64, c64 = a.double(), c.double()
     chol_a, info_a = torch.linalg.cholesky_ex(a64.T @ a64)
+    eye = torch.eye(chol_a.shape[0], dtype=chol_a.dtype, device=chol_a.device)
     pivots = chol_a.diagonal()
     # A's columns carry fp32 rounding: directions below ~1e-5 of its largest are noise, and
     # R^{-1} would amplify them, so such an A takes the Householder path.
-    if int(info_a) == 0 and bool(pivots.min() > 1e-5 * pivots.max()):
-        t = torch.linalg.solve_triangular(chol_a, c64 @ c64.T, upper=False)
-        k = torch.linalg.solve_triangular(chol_a, t.T, upper=False)
-        lam, u = torch.linalg.eigh((k + k.T) / 2)
-        lam, u = lam.flip(0)[:rank], u.flip(1)[:, :rank]
-        if bool(lam[-1] > lam[0] * 1e-10):
-            w = torch.linalg.solve_triangular(chol_a.T, u, upper=True) / lam.sqrt()
-            z = c.T @ w.to(c.dtype)
-            z64 = z.double()
-            gram_z = z64.T @ z64
-            # Z is orthonormal in exact arithmetic; when the spectrum is steep and A is far from
-            # the dominant subspace (a random start), the fp32 product C^T W loses the lower
-            # columns (they drown in the rounding of the upper ones) and Z^T Z shows it.  Below
-            # the tolerance every column stays within about half a degree of the textbook
-            # result; lost columns show defects of 0.05-1.  The re-orthonormalization below
-            # would hide it, so check first and take the Householder path when it is exceeded.
-            defect = (gram_z - torch.eye(rank, dtype=gram_z.dtype, device=gram_z.device)).abs().amax()
-            chol_z, info_z = torch.linalg.cholesky_ex(gram_z)
-            if int(info_z) == 0 and bool(defect < ORTHONORMALITY_TOLERANCE):
-                z = torch.linalg.solve_triangular(chol_z.T.to(z.dtype), z, upper=True, left=False)
-                return z, lam.sqrt().to(c.dtype)
-    return _low_cost_svd_householder(h, a, rank)
+    ok = (info_a == 0) & (pivots.min() > 1e-5 * pivots.max())
+    chol_a = torch.where(ok, chol_a, eye)
+    t = torch.linalg.solve_triangular(chol_a, c64 @ c64.T, upper=False)
+    k = torch.linalg.solve_triangular(chol_a, t.T, upper=False)
+    k = (k + k.T) / 2
+    ok = ok & torch.isfinite(k.sum())
+    lam, u = torch.linalg.eigh(torch.where(ok, k, eye))
+    lam, u = lam.flip(0)[:rank], u.flip(1)[:, :rank]
+    ok = ok & (lam[-1] > lam[0] * 1e-10)
+    lam = torch.where(ok, lam, torch.ones_like(lam))
+    w = torch.linalg.solve_triangular(chol_a.T, u, upper=True) / lam.sqrt()
+    z = c.T @ w.to(c.dtype)
+    z64 = z.double()
+    gram_z = z64.T @ z64
+    # Z is orthonormal in exact arithmetic; when the spectrum is steep and A is far from the
+    # dominant subspace (a random start), the fp32 product C^T W loses the lower columns (they
+    # drown in the rounding of the upper ones) and Z^T Z shows it.  Below the tolerance every
+    # column stays within about half a degree of the textbook result; lost columns show defects
+    # of 0.05-1.  The re-orthonormalization below would hide it, so check first and take the
+    # Householder path when it is exceeded.
+    eye_z = torch.eye(rank, dtype=gram_z.dtype, device=gram_z.device)
+    defect = (gram_z - eye_z).abs().amax()
+    ok = ok & (defect < ORTHONORMALITY_TOLERANCE)
+    chol_z, info_z = torch.linalg.cholesky_ex(torch.where(ok, gram_z, eye_z))
+    ok = ok & (info_z == 0)
+    chol_z = torch.where(ok, chol_z, eye_z)
+    z = torch.linalg.solve_triangular(chol_z.T.to(z.dtype), z, upper=True, left=False)
+    return z, lam.sqrt().to(c.dtype), ok
 
 
 def _low_cost_svd_householder(h: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

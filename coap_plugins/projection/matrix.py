@@ -9,10 +9,10 @@ import torch
 from .linalg import (
     DEFAULT_BASIS_ALIGNMENT,
     DEFAULT_CORRELATION_LOSS,
-    align_basis,
+    SvdFallbacks,
     correlation_step,
-    low_cost_svd,
     random_orthonormal,
+    recalibrate,
 )
 
 __all__ = ["MatrixProjector", "RefreshKind"]
@@ -20,17 +20,15 @@ __all__ = ["MatrixProjector", "RefreshKind"]
 RefreshKind = Literal["correlation", "svd"]
 
 
-def setup_sketch(h: torch.Tensor, rank: int, seed: int, passes: int = 1) -> torch.Tensor:
-    """First projector of a layer: low-cost SVD passes from a seeded random start.
+def setup_sketch(h: torch.Tensor, rank: int, seed: int, fallbacks: SvdFallbacks | None = None) -> torch.Tensor:
+    """First projector of a layer: a low-cost SVD pass from a seeded random start.
 
-    A pass spans ``H^T H P``: the randomized range finder with one power iteration, so the start
-    is already close to the top-r right subspace (the next recalibration refines it).  Runs once
-    per layer, at its first usable gradient.
+    The pass spans ``H^T H P``: the randomized range finder with one power iteration, so the
+    start is already close to the top-r right subspace (the next recalibration refines it).  Runs
+    once per layer, at its first usable gradient; ``fallbacks`` as :func:`recalibrate`.
     """
     p = random_orthonormal(h.shape[1], rank, seed, device=h.device)
-    for _ in range(passes):
-        p, _ = low_cost_svd(h, h @ p, rank)
-    return p
+    return recalibrate(None, h, h @ p, rank, fallbacks=fallbacks)
 
 
 class MatrixProjector:
@@ -89,11 +87,26 @@ class MatrixProjector:
     def tall(self, grad: torch.Tensor) -> torch.Tensor:
         return grad.T if self.transposed else grad
 
-    def setup(self, state: dict, grad: torch.Tensor, seed: int) -> None:
-        state["proj"] = setup_sketch(self.tall(grad), self.rank, seed)
+    def setup(self, state: dict, grad: torch.Tensor, seed: int, fallbacks: SvdFallbacks | None = None) -> None:
+        state["proj"] = setup_sketch(self.tall(grad), self.rank, seed, fallbacks)
 
     def project(self, state: dict, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return self.tall(grad) @ state["proj"], None
+
+    # -- batches of same-shaped layers -------------------------------------------------------
+    def project_batch(self, projs: dict[str, torch.Tensor], grads: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """``H_b P_b`` for a stack of gradients ``(B, m, n)``: the cores ``(B, long, r)``.
+
+        ``projs`` holds the layers' stacked projectors, ``"proj"`` ``(B, short, r)``, and their
+        transposes, ``"proj_t"`` (the optimizer keeps both between steps)."""
+        tall = grads.transpose(1, 2) if self.transposed else grads
+        return torch.bmm(tall, projs["proj"]), None
+
+    def back_project_batch(self, projs: dict[str, torch.Tensor], cores: torch.Tensor) -> torch.Tensor:
+        """``U_b P_b^T`` in the weights' orientation, ``(B, m, n)``."""
+        if self.transposed:
+            return torch.bmm(projs["proj"], cores.transpose(1, 2))
+        return torch.bmm(cores, projs["proj_t"])
 
     def apply_update(self, param: torch.Tensor, update: torch.Tensor, state: dict, alpha: float) -> None:
         """``param += alpha * update P^T`` (in the weight's orientation)."""
@@ -118,8 +131,10 @@ class MatrixProjector:
         moment: torch.Tensor,
         correlation_loss: str = DEFAULT_CORRELATION_LOSS,
         alignment: str = DEFAULT_BASIS_ALIGNMENT,
+        fallbacks: SvdFallbacks | None = None,
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """New projector tensors from this step's gradient; ``projected`` is ``H P`` (reused).
+        ``fallbacks``: as :func:`~coap_plugins.projection.linalg.recalibrate` (no host sync).
 
         ``moment`` is the projected first moment before this step's update (``M_{t-1}``);
         ``correlation_loss`` picks the correlation update's loss (``"paper"`` or ``"relative"``,
@@ -132,8 +147,7 @@ class MatrixProjector:
         if kind == "correlation":
             new_p, res = correlation_step(h, state["proj"], projected, moment, loss=correlation_loss)
             return {"proj": new_p}, res.cos
-        new_p, _ = low_cost_svd(h, projected, self.rank)
-        return {"proj": align_basis(state["proj"], new_p, alignment)}, None
+        return {"proj": recalibrate(state["proj"], h, projected, self.rank, alignment, fallbacks)}, None
 
     def rotate(self, core: torch.Tensor, state: dict, new: dict[str, torch.Tensor], squared: bool) -> torch.Tensor:
         """Carry a projected moment from the old basis into the new one (``restore_state``)."""

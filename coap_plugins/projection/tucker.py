@@ -22,9 +22,9 @@ import torch
 from .linalg import (
     DEFAULT_BASIS_ALIGNMENT,
     DEFAULT_CORRELATION_LOSS,
-    align_basis,
+    SvdFallbacks,
     correlation_step,
-    low_cost_svd,
+    recalibrate,
 )
 from .matrix import RefreshKind, setup_sketch
 
@@ -122,10 +122,12 @@ class Tucker2Projector:
         return t.view(rows, self.in_ch, self.k).transpose(1, 2)
 
     # -- the hot path ----------------------------------------------------------------------
-    def setup(self, state: dict, grad: torch.Tensor, seed: int) -> None:
-        state["proj_out"] = setup_sketch(self._out_unfolding(grad).T, self.rank_out, seed)
+    def setup(self, state: dict, grad: torch.Tensor, seed: int, fallbacks: SvdFallbacks | None = None) -> None:
+        state["proj_out"] = setup_sketch(self._out_unfolding(grad).T, self.rank_out, seed, fallbacks)
         if self.rank_in is not None:
-            state["proj_in"] = setup_sketch(self._in_unfolding_t(grad), self.rank_in, seed + _IN_MODE_SEED_OFFSET)
+            state["proj_in"] = setup_sketch(
+                self._in_unfolding_t(grad), self.rank_in, seed + _IN_MODE_SEED_OFFSET, fallbacks
+            )
 
     def project(self, state: dict, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the core ``(r_O, k, r_I)`` and ``P_O^T G_(1)`` ((r_O, I k), kept for refreshes)."""
@@ -135,6 +137,28 @@ class Tucker2Projector:
             return t1k.contiguous(), t1
         core = t1k.reshape(self.rank_out * self.k, self.in_ch) @ state["proj_in"]
         return core.view(self.moment_shape), t1
+
+    # -- batches of same-shaped layers -------------------------------------------------------
+    def project_batch(self, projs: dict[str, torch.Tensor], grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`project` for a stack of gradients ``(B, O, I, k1, k2)``: cores ``(B, r_O, k, r_I)``
+        and the ``(B, r_O, I k)`` stack of ``P_O^T G_(1)`` (what a refresh reuses).  ``projs``
+        holds the stacked projectors and their transposes (``"proj_out_t"``, ``"proj_in_t"``)."""
+        batch = grads.shape[0]
+        t1 = torch.bmm(projs["proj_out_t"], grads.reshape(batch, self.out_ch, self.in_ch * self.k))
+        t1k = t1.view(batch, self.rank_out, self.in_ch, self.k).transpose(2, 3)
+        if self.rank_in is None:
+            return t1k.contiguous(), t1
+        core = torch.bmm(t1k.reshape(batch, self.rank_out * self.k, self.in_ch), projs["proj_in"])
+        return core.view(batch, *self.moment_shape), t1
+
+    def back_project_batch(self, projs: dict[str, torch.Tensor], cores: torch.Tensor) -> torch.Tensor:
+        """``U_b x_1 P_O x_2 P_I`` as a ``(B, O, I, k1, k2)`` stack."""
+        batch = cores.shape[0]
+        if self.rank_in is not None:
+            x = torch.bmm(cores.view(batch, self.rank_out * self.k, self.rank_in), projs["proj_in_t"])
+            cores = x.view(batch, self.rank_out, self.k, self.in_ch)
+        x = cores.transpose(2, 3).reshape(batch, self.rank_out, self.in_ch * self.k)
+        return torch.bmm(projs["proj_out"], x).view(batch, *self.shape)
 
     def _restore_in(self, core: torch.Tensor, state: dict) -> torch.Tensor:
         """``core x_2 P_I`` back in the (r_O, I k) layout of G_(1)'s columns."""
@@ -163,12 +187,13 @@ class Tucker2Projector:
         moment: torch.Tensor,
         correlation_loss: str = DEFAULT_CORRELATION_LOSS,
         alignment: str = DEFAULT_BASIS_ALIGNMENT,
+        fallbacks: SvdFallbacks | None = None,
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """Refresh both modes from this step's gradient, each as its own matrix problem.
 
         ``ctx`` is ``P_O^T G_(1)`` from :meth:`project`, i.e. ``(H_O P_O)^T``; ``moment`` the
         core-shaped first moment before this step; ``correlation_loss`` and ``alignment`` as for
-        :meth:`MatrixProjector.refresh`.  The output mode sees the moment restored along the
+        :meth:`MatrixProjector.refresh` (and ``fallbacks``).  The output mode sees the moment restored along the
         input mode, and vice versa.  Also returns the mean of the modes' direction
         terms for a correlation update, ``None`` for a recalibration.
         """
@@ -192,7 +217,7 @@ class Tucker2Projector:
                 new[key], res = correlation_step(h, state[key], a, m, loss=correlation_loss)
                 cosines.append(res.cos)
             else:
-                new[key] = align_basis(state[key], low_cost_svd(h, a, rank)[0], alignment)
+                new[key] = recalibrate(state[key], h, a, rank, alignment, fallbacks)
         return new, torch.stack(cosines).mean() if cosines else None
 
     def rotate(self, core: torch.Tensor, state: dict, new: dict[str, torch.Tensor], squared: bool) -> torch.Tensor:
