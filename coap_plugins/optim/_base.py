@@ -501,10 +501,13 @@ class CoapOptimizer(Optimizer):
         second term, with ``residual="scaled"``, is the part of the gradient outside the
         subspace at the step size the projected update has relative to its own gradient,
         ``phi = -|u| / max(|core|, 0.1 |grad|)`` (negative: ``u`` is a descent step; ``u`` may
-        carry a tensor lr, and ``phi`` carries it too); ``cores`` are the members' projected gradients (the batches' ``core`` unbound).  ``s U P^T + phi (G - G_p P^T) = (s U - phi G_p) P^T + phi G``: one batched
-        back-projection of core-sized tensors, added into the stack of ``phi G``; no
-        weight-sized temporary besides that stack.  The norms of every member come from three
-        ``_foreach_norm`` calls.
+        carry a tensor lr, and ``phi`` carries it too); ``cores`` are the members' projected
+        gradients (the batches' ``core`` unbound).
+
+        ``s U P^T + phi (G - G_p P^T) = (s U - phi G_p) P^T + phi G``: the norms, the scalings and
+        ``phi G`` are one ``torch._foreach_*`` call each for all members; the back-projection is
+        one batched product per batch, whose ``(B, *shape)`` result (one batch at a time) is the
+        step's only weight-sized temporary.
         """
         scales = [b.proj.size_ratio if group["update_scale"] == "auto" else group["update_scale"] for b in batches]
         member_scales = [s for s, b in zip(scales, batches) for _ in b.members]

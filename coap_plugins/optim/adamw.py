@@ -9,9 +9,9 @@ import torch
 from .._checks import check_lr, check_nonnegative, conv_ratio_alias
 from ..projection import DEFAULT_MIN_CONV_NUMEL, Projector
 from ..projection.linalg import DEFAULT_BASIS_ALIGNMENT, DEFAULT_CORRELATION_LOSS
-from ._storage import MomentStorage
 from ._base import DEFAULT_RESIDUAL, DEFAULT_UPDATE_SCALE, CoapOptimizer, _Batch, coap_defaults
 from ._functional import adam_projected_updates, adamw_full_rank
+from ._storage import MomentStorage
 
 __all__ = ["CoapAdamW"]
 
