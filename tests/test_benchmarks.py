@@ -22,7 +22,8 @@ def test_optimizer_step_quick_prints_every_row_and_target(tmp_path):
     assert proc.returncode == 0, proc.stderr
     text = out.read_text()
     assert text == proc.stdout
-    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| shape")]
+    timing = text.split("Dispatched aten ops")[0]  # the first table; the op counts follow
+    rows = [line for line in timing.splitlines() if line.startswith("| ") and not line.startswith("| shape")]
     names = [row.split("|")[1].strip() for row in rows]
     assert names == [
         "1024x1024",
