@@ -165,6 +165,7 @@ def dispatch_counts(params: list) -> dict[str, tuple[int, int]] | None:
         ref.step()
         out["torch foreach" if foreach else "torch single"] = count(ref.step)
     opt = CoapAdamW(params, update_interval=NEVER, **COAP)
+    opt.batched_products = True  # the accelerator path (the CPU multiplies layer by layer: see _Batch)
     out["set-up"] = count(opt.step)
     out["ordinary"] = count(opt.step)
     for kind in ("correlation", "svd"):

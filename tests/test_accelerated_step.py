@@ -81,13 +81,15 @@ class _Twins(nn.Module):
         self.c = nn.ModuleList(nn.Linear(48, 40) for _ in range(2))
 
 
+@pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize("cls", [CoapAdamW, CoapAdafactor, CoapAdamW8bit])
-def test_batched_layers_follow_the_same_trajectory_as_each_layer_alone(cls):
+def test_batched_layers_follow_the_same_trajectory_as_each_layer_alone(cls, batched):
     torch.manual_seed(0)
     model = _Twins()
     settings = dict(rank_ratio_conv=4, rank_ratio_matrix=4, min_conv_numel=100, update_interval=2, reproject_factor=2)
     lr = dict(lr=1e-2)
     together = cls(_named(model), **lr, **settings)
+    together.batched_products = batched
     params = [p for p in model.parameters()]
     copies = [nn.Parameter(p.detach().clone()) for p in params]
     alone = [cls([(name, q)], **lr, **settings) for (name, _), q in zip(model.named_parameters(), copies)]
@@ -99,9 +101,9 @@ def test_batched_layers_follow_the_same_trajectory_as_each_layer_alone(cls):
             opt.step()
     for p, q in zip(params, copies):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-    # the stacked projectors are the layers' storage: views of one tensor per batch
+    # batched: the stacked projectors are the layers' storage, views of one tensor per batch
     convs = [together.state[m.weight]["proj_out"] for m in model.a]
-    assert len({t.untyped_storage().data_ptr() for t in convs}) == 1
+    assert len({t.untyped_storage().data_ptr() for t in convs}) == (1 if batched else 3)
 
 
 def test_checkpoint_of_stacked_projectors_is_per_parameter_small_and_exact():
@@ -109,6 +111,7 @@ def test_checkpoint_of_stacked_projectors_is_per_parameter_small_and_exact():
     model = _Twins()
     settings = dict(rank_ratio_conv=4, min_conv_numel=100, update_interval=3, reproject_factor=2)
     opt = CoapAdamW(_named(model), lr=1e-2, **settings)
+    opt.batched_products = True
     params = list(model.parameters())
     _run(opt, params, 4)
     buf = io.BytesIO()
@@ -120,6 +123,7 @@ def test_checkpoint_of_stacked_projectors_is_per_parameter_small_and_exact():
     twin = _Twins()
     twin.load_state_dict(model.state_dict())
     resumed = CoapAdamW(_named(twin), lr=1e-2, **settings)
+    resumed.batched_products = True
     resumed.load_state_dict(loaded)
     twin_params = list(twin.parameters())
     _run(opt, params, 5, start=4)
@@ -146,6 +150,7 @@ def _count(fn):
 def test_resnet18_ordinary_step_dispatches_at_most_250_ops_and_never_syncs():
     params = _resnet18_params()
     opt = CoapAdamW(params, lr=1e-3, rank_ratio_matrix=4, rank_ratio_conv=4, update_interval=10**9)
+    opt.batched_products = True  # what runs on an accelerator
     setup = _count(opt.step)
     ordinary = _count(opt.step)
     opt.request_refresh("correlation")

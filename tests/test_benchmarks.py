@@ -39,3 +39,26 @@ def test_optimizer_step_quick_prints_every_row_and_target(tmp_path):
     assert "3.00 / 8.00 (0.375)" in rows[0]
     assert text.count("-> PASS") + text.count("-> MISS") + text.count("-> SKIPPED") == 11
     assert "| 512x512x3x3 | tucker2 (256, 256) | 47 / 0 |" in text  # the ordinary step's ops and syncs
+
+
+def test_gpu_step_skips_without_cuda_and_runs_dry_on_the_cpu(tmp_path):
+    script = str(ROOT / "benchmarks" / "gpu_step.py")
+    if not __import__("torch").cuda.is_available():
+        proc = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert proc.returncode == 0 and "CUDA is not available: nothing measured" in proc.stdout
+    bad = subprocess.run([sys.executable, script, "--models", "vgg"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "invalid models: vgg" in bad.stderr
+    out = tmp_path / "gpu.md"
+    proc = subprocess.run(
+        [sys.executable, script, "--dry-run", "--models", "unet", "--reps", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text()
+    assert "CPU DRY RUN" in text
+    methods = [line.split("|")[2].strip() for line in text.splitlines() if line.startswith("| unet")]
+    assert methods == ["AdamW fused", "bnb AdamW8bit", "CoapAdamW", "CoapAdamW8bit", "CoapAdafactor"]
+    assert text.count("-> ") == 2

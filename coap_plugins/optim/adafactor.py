@@ -264,7 +264,7 @@ class CoapAdafactor(CoapOptimizer):
             p.add_(self._direction(p, g, state, group).to(p.dtype))
 
     def _projected_update(self, group: dict, batches: list[_Batch]) -> None:
-        cores = [c for b in batches for c in b.core.unbind(0)]
+        cores = [c for b in batches for c in b.cores]
         members = [m for b in batches for m in b.members]
         updates = [self._direction(m.param, core, m.state, group) for m, core in zip(members, cores)]
         self._apply_batches(group, batches, updates, cores)

@@ -191,7 +191,7 @@ class CoapAdamW(CoapOptimizer):
         load = self._storage.load
         exp_avgs = [load(st, "exp_avg") for st in states]
         exp_avg_sqs = [load(st, "exp_avg_sq") for st in states]
-        cores = [c for b in batches for c in b.core.unbind(0)]
+        cores = [c for b in batches for c in b.cores]
         updates = adam_projected_updates(
             exp_avgs,
             exp_avg_sqs,

@@ -102,11 +102,13 @@ class MatrixProjector:
         tall = grads.transpose(1, 2) if self.transposed else grads
         return torch.bmm(tall, projs["proj"]), None
 
-    def back_project_batch(self, projs: dict[str, torch.Tensor], cores: torch.Tensor) -> torch.Tensor:
-        """``U_b P_b^T`` in the weights' orientation, ``(B, m, n)``."""
-        if self.transposed:
-            return torch.bmm(projs["proj"], cores.transpose(1, 2))
-        return torch.bmm(cores, projs["proj_t"])
+    def back_project_batch(
+        self, projs: dict[str, torch.Tensor], cores: torch.Tensor, into: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``U_b P_b^T`` in the weights' orientation, ``(B, m, n)``; added in place into ``into``
+        (a contiguous fp32 ``(B, m, n)`` tensor, e.g. a view of the weight itself) when given."""
+        a, b = (projs["proj"], cores.transpose(1, 2)) if self.transposed else (cores, projs["proj_t"])
+        return torch.bmm(a, b) if into is None else into.baddbmm_(a, b)
 
     def apply_update(self, param: torch.Tensor, update: torch.Tensor, state: dict, alpha: float) -> None:
         """``param += alpha * update P^T`` (in the weight's orientation)."""

@@ -151,14 +151,20 @@ class Tucker2Projector:
         core = torch.bmm(t1k.reshape(batch, self.rank_out * self.k, self.in_ch), projs["proj_in"])
         return core.view(batch, *self.moment_shape), t1
 
-    def back_project_batch(self, projs: dict[str, torch.Tensor], cores: torch.Tensor) -> torch.Tensor:
-        """``U_b x_1 P_O x_2 P_I`` as a ``(B, O, I, k1, k2)`` stack."""
+    def back_project_batch(
+        self, projs: dict[str, torch.Tensor], cores: torch.Tensor, into: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``U_b x_1 P_O x_2 P_I`` as a ``(B, O, I, k1, k2)`` stack; added in place into ``into`` (a
+        contiguous fp32 tensor of that shape, e.g. a view of the weight itself) when given."""
         batch = cores.shape[0]
         if self.rank_in is not None:
             x = torch.bmm(cores.view(batch, self.rank_out * self.k, self.rank_in), projs["proj_in_t"])
             cores = x.view(batch, self.rank_out, self.k, self.in_ch)
         x = cores.transpose(2, 3).reshape(batch, self.rank_out, self.in_ch * self.k)
-        return torch.bmm(projs["proj_out"], x).view(batch, *self.shape)
+        if into is None:
+            return torch.bmm(projs["proj_out"], x).view(batch, *self.shape)
+        into.view(batch, self.out_ch, self.in_ch * self.k).baddbmm_(projs["proj_out"], x)
+        return into
 
     def _restore_in(self, core: torch.Tensor, state: dict) -> torch.Tensor:
         """``core x_2 P_I`` back in the (r_O, I k) layout of G_(1)'s columns."""
