@@ -193,3 +193,53 @@ def test_refresh_with_a_nonfinite_gradient_keeps_the_projector_without_reading_t
     assert not torch.equal(opt.state[params[1]]["proj"], before["proj"])
     assert opt.last_refresh(params[0])["refresh"] == "skipped (non-finite)"
     assert opt.last_refresh(params[1])["refresh"] == "svd"
+
+
+def test_tensor_step_counts_give_the_int_step_results():
+    from coap_plugins.optim._functional import adam_projected_updates
+
+    shapes = [(12, 4), (6, 9, 3)]
+    a = [[torch.zeros(s) for s in shapes] for _ in range(2)]
+    b = [[torch.zeros(s) for s in shapes] for _ in range(2)]
+    for step in range(1, 4):
+        cores = [torch.randn(s) for s in shapes]
+        x = adam_projected_updates(*a, cores, [step, step], lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8)
+        steps = torch.full((2,), float(step))
+        y = adam_projected_updates(*b, cores, steps, lr=torch.tensor(1e-2), beta1=0.9, beta2=0.99, eps=1e-8)
+        for u, v in zip(x, y):
+            torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-9)  # fp32 bias corrections on the device
+
+
+@pytest.mark.slow
+def test_compiled_functional_core_is_one_graph_over_a_cosine_schedule():
+    from torch._dynamo.utils import counters
+
+    from coap_plugins.optim._functional import adam_projected_updates
+
+    torch._dynamo.reset()
+    counters.clear()
+    shapes = [(64, 16), (32, 9, 16), (128, 32)]
+    moments = [[torch.zeros(s) for s in shapes] for _ in range(2)]
+    eager = [[torch.zeros(s) for s in shapes] for _ in range(2)]
+    holder = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([holder], lr=torch.tensor(1e-3))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 50)
+    compiled = torch.compile(adam_projected_updates, fullgraph=True)
+    steps = torch.zeros(len(shapes))
+    for i in range(50):
+        cores = [torch.randn(s) for s in shapes]
+        steps += 1
+        lr = opt.param_groups[0]["lr"]  # the scheduler writes the tensor in place
+        got = compiled(*moments, cores, steps, lr=lr, beta1=0.9, beta2=0.999, eps=1e-8)
+        want = adam_projected_updates(*eager, cores, [i + 1] * 3, lr=float(lr), beta1=0.9, beta2=0.999, eps=1e-8)
+        for x, y in zip(got, want):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-9)
+        opt.step()
+        sched.step()
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"]
+
+
+def test_invalid_foreach_is_refused_with_its_value():
+    with pytest.raises(ValueError, match=r"Invalid foreach: 'yes' \(expected True, False or None\)"):
+        CoapAdamW(_params(), foreach="yes")

@@ -113,7 +113,7 @@ def adam_projected_updates(
     exp_avgs: list[torch.Tensor],
     exp_avg_sqs: list[torch.Tensor],
     cores: list[torch.Tensor],
-    steps: list[int],
+    steps: list[int] | torch.Tensor,
     *,
     lr: float | torch.Tensor,
     beta1: float,
@@ -121,11 +121,24 @@ def adam_projected_updates(
     eps: float,
 ) -> list[torch.Tensor]:
     """Adam's moments of projected gradients (``cores``, any shapes) updated in place; returns
-    ``-step_size * M / (sqrt(V / bc2) + eps)`` per core, ``step_size = lr / bc1``."""
+    ``-step_size * M / (sqrt(V / bc2) + eps)`` per core, ``step_size = lr / bc1``.
+
+    ``steps`` are ints, or a 1-D tensor of the step counts on the cores' device: then the bias
+    corrections are computed there too, and with a tensor ``lr`` nothing in the function depends
+    on a Python number that changes from step to step, so ``torch.compile(...,
+    fullgraph=True)`` traces it once and never recompiles (``tests/test_accelerated_step.py``).
+    """
     torch._foreach_lerp_(exp_avgs, cores, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, cores, cores, 1 - beta2)
     denom = torch._foreach_sqrt(exp_avg_sqs)
+    if isinstance(steps, torch.Tensor):
+        steps = steps.to(torch.float32)
+        torch._foreach_div_(denom, list((1 - torch.pow(beta2, steps)).sqrt().unbind(0)))
+        torch._foreach_add_(denom, eps)
+        updates = torch._foreach_div(exp_avgs, denom)
+        torch._foreach_mul_(updates, list((-lr / (1 - torch.pow(beta1, steps))).unbind(0)))
+        return updates
     torch._foreach_div_(denom, [(1 - beta2**s) ** 0.5 for s in steps])
     torch._foreach_add_(denom, eps)
     updates = torch._foreach_div(exp_avgs, denom)
