@@ -173,13 +173,9 @@ class _Batch:
         self.cores = list(core.unbind(0))
 
     def back_project(self, updates: list[torch.Tensor]) -> None:
-        """``p += back(u)`` for every member (``updates`` in member order)."""
+        """``p += back(u)`` for every member of a batched batch (``updates`` in member order)."""
         params = [m.param for m in self.members]
         p = params[0]
-        if not self.batched:
-            for m, u in zip(self.members, updates):
-                self.proj.apply_update(m.param, u, m.state, 1.0)
-            return
         u = torch.stack(updates)
         if len(params) == 1 and p.dtype == torch.float32 and p.is_contiguous():
             self.proj.back_project_batch(self.projs, u, into=p.unsqueeze(0))  # in place: no temporary
@@ -530,7 +526,12 @@ class CoapOptimizer(Optimizer):
                 tel["cos"] = torch.where(ok, torch.full_like(tel["cos"], math.nan), tel["cos"])
 
     def _apply_batches(
-        self, group: dict[str, Any], batches: list[_Batch], updates: list[torch.Tensor], cores: list[torch.Tensor]
+        self,
+        group: dict[str, Any],
+        batches: list[_Batch],
+        updates: list[torch.Tensor],
+        cores: list[torch.Tensor],
+        decay: float | torch.Tensor | None = None,
     ) -> None:
         """``p += s * back(u) + phi * (grad - back(core))`` for every projected parameter: ``u``
         (one per member, in batch order) is the step's update in the projected space, already
@@ -549,6 +550,7 @@ class CoapOptimizer(Optimizer):
         ``(B, *shape)`` result (one batch at a time: the step's only weight-sized temporary)
         added with one foreach call.
         """
+        phis = None
         scales = [b.proj.size_ratio if group["update_scale"] == "auto" else group["update_scale"] for b in batches]
         member_scales = [s for s, b in zip(scales, batches) for _ in b.members]
         if group["residual"] == "scaled":
@@ -563,13 +565,32 @@ class CoapOptimizer(Optimizer):
             phis = phi.unbind(0)
             torch._foreach_mul_(updates, member_scales)
             torch._foreach_addcmul_(updates, cores, phis, value=-1.0)
-            torch._foreach_addcmul_([m.param for b in batches for m in b.members], grads, phis)
         elif any(s != 1 for s in scales):
             torch._foreach_mul_(updates, member_scales)
+        # batched layers: decay and residual as one foreach call each; layers multiplied one by
+        # one (the CPU): decay, back-projection and residual together, while the weight is in cache
+        flags = [b.batched for b in batches for _ in b.members]
+        params = [m.param for b in batches for m in b.members]
+        picked = [p for p, f in zip(params, flags) if f]
+        if picked and decay is not None:
+            torch._foreach_mul_(picked, decay)
+        if picked and phis is not None:
+            torch._foreach_addcmul_(
+                picked, [g for g, f in zip(grads, flags) if f], [x for x, f in zip(phis, flags) if f]
+            )
         offset = 0
         for b in batches:
-            b.back_project(updates[offset : offset + len(b.members)])
-            offset += len(b.members)
+            n = len(b.members)
+            if b.batched:
+                b.back_project(updates[offset : offset + n])
+            else:
+                for j, m in enumerate(b.members, start=offset):
+                    if decay is not None:
+                        m.param.mul_(decay)
+                    b.proj.apply_update(m.param, updates[j], m.state, 1.0)
+                    if phis is not None:
+                        m.param.addcmul_(m.grad, phis[j])
+            offset += n
 
     def _decay_only(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         if group["weight_decay"] != 0 and group["lr"] is not None:

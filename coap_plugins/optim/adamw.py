@@ -203,9 +203,7 @@ class CoapAdamW(CoapOptimizer):
             eps=group["eps"],
         )
         self._store_moments(states, exp_avgs, exp_avg_sqs)
-        if wd != 0:
-            torch._foreach_mul_([m.param for b in batches for m in b.members], 1 - lr * wd)
-        self._apply_batches(group, batches, updates, cores)
+        self._apply_batches(group, batches, updates, cores, decay=1 - lr * wd if wd != 0 else None)
 
     def _store_moments(self, states: list, exp_avgs: list, exp_avg_sqs: list) -> None:
         if type(self._storage).store is MomentStorage.store:  # fp32: the math ran on the state itself
