@@ -62,3 +62,12 @@ def test_gpu_step_skips_without_cuda_and_runs_dry_on_the_cpu(tmp_path):
     methods = [line.split("|")[2].strip() for line in text.splitlines() if line.startswith("| unet")]
     assert methods == ["AdamW fused", "bnb AdamW8bit", "CoapAdamW", "CoapAdamW8bit", "CoapAdafactor"]
     assert text.count("-> ") == 2
+
+
+def test_step_cpu_time_prints_its_row():
+    script = str(ROOT / "benchmarks" / "step_cpu_time.py")
+    proc = subprocess.run([sys.executable, script, "now", "--quick"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    line = proc.stdout.strip().splitlines()[-1]
+    assert line.startswith("now ms per ordinary step: 256x1024x1x1=")
+    assert float(line.rsplit("=", 1)[1]) > 0
