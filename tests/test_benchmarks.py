@@ -38,7 +38,11 @@ def test_optimizer_step_quick_prints_every_row_and_target(tmp_path):
     # state ratios are exact byte counts: 3 MiB of 8 for 1024x1024 at rank 256 (2*1024*256 + 1024*256 floats)
     assert "3.00 / 8.00 (0.375)" in rows[0]
     assert text.count("-> PASS") + text.count("-> MISS") + text.count("-> SKIPPED") == 11
-    assert "| 512x512x3x3 | tucker2 (256, 256) | 47 / 0 |" in text  # the ordinary step's ops and syncs
+    # the ordinary step's ops and syncs: one batched Tucker-2 layer in a few dozen ops, no sync
+    counts = text.split("Dispatched aten ops")[1]
+    row = next(line for line in counts.splitlines() if line.startswith("| 512x512x3x3 |"))
+    ops, syncs = (int(x) for x in row.split("|")[3].split("/"))
+    assert ops <= 50 and syncs == 0, row
 
 
 def test_gpu_step_skips_without_cuda_and_runs_dry_on_the_cpu(tmp_path):
