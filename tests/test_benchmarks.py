@@ -5,20 +5,21 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python benchmarks/<name> args...`` from the repository root, output captured."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / name), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
 @pytest.mark.slow
 def test_optimizer_step_quick_prints_every_row_and_target(tmp_path):
     out = tmp_path / "bench.md"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "optimizer_step.py"), "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
+    proc = run_script("optimizer_step.py", "--quick", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     text = out.read_text()
     assert text == proc.stdout
@@ -46,20 +47,13 @@ def test_optimizer_step_quick_prints_every_row_and_target(tmp_path):
 
 
 def test_gpu_step_skips_without_cuda_and_runs_dry_on_the_cpu(tmp_path):
-    script = str(ROOT / "benchmarks" / "gpu_step.py")
-    if not __import__("torch").cuda.is_available():
-        proc = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    if not torch.cuda.is_available():
+        proc = run_script("gpu_step.py", timeout=120)
         assert proc.returncode == 0 and "CUDA is not available: nothing measured" in proc.stdout
-    bad = subprocess.run([sys.executable, script, "--models", "vgg"], capture_output=True, text=True, timeout=120)
+    bad = run_script("gpu_step.py", "--models", "vgg", timeout=120)
     assert bad.returncode == 2 and "invalid models: vgg" in bad.stderr
     out = tmp_path / "gpu.md"
-    proc = subprocess.run(
-        [sys.executable, script, "--dry-run", "--models", "unet", "--reps", "1", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
+    proc = run_script("gpu_step.py", "--dry-run", "--models", "unet", "--reps", "1", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     text = out.read_text()
     assert "CPU DRY RUN" in text
@@ -69,8 +63,7 @@ def test_gpu_step_skips_without_cuda_and_runs_dry_on_the_cpu(tmp_path):
 
 
 def test_step_cpu_time_prints_its_row():
-    script = str(ROOT / "benchmarks" / "step_cpu_time.py")
-    proc = subprocess.run([sys.executable, script, "now", "--quick"], capture_output=True, text=True, timeout=300)
+    proc = run_script("step_cpu_time.py", "now", "--quick", timeout=300)
     assert proc.returncode == 0, proc.stderr
     line = proc.stdout.strip().splitlines()[-1]
     assert line.startswith("now ms per ordinary step: 256x1024x1x1=")

@@ -97,14 +97,8 @@ class _Member:
     __slots__ = ("param", "grad", "state", "proj", "index", "refresh")
 
     def __init__(self, param, grad, state, proj, index, refresh) -> None:
-        self.param, self.grad, self.state, self.proj, self.index, self.refresh = (
-            param,
-            grad,
-            state,
-            proj,
-            index,
-            refresh,
-        )
+        self.param, self.grad, self.state = param, grad, state
+        self.proj, self.index, self.refresh = proj, index, refresh
 
 
 class _Batch:
@@ -115,7 +109,7 @@ class _Batch:
     ``bmm`` for the whole batch: a step's launches then grow with the number of distinct shapes,
     not of layers.  On the CPU, where a launch costs nothing and torch's batched products run
     below its single ones (up to 4x on transposed operands, measured on ResNet-50's shapes), each
-    layer takes its own products, in place into its weight.  ``cores`` (and ``ctxs``, what a
+    layer takes its own products, in place into its weight.  ``cores`` (and :meth:`ctx`, what a
     Tucker-2 refresh reuses) are the members' projections either way.  Moments stay per
     parameter in ``optimizer.state``; only the step's temporaries are stacked.
     """
@@ -157,6 +151,9 @@ class _Batch:
         ident = tuple(id(m.param) for m in self.members)
         hit = stacks.get(ident)
         if hit is None or len(hit[0]) != len(current) or any(a is not b for a, b in zip(hit[0], current)):
+            # a stack of other members (the batch changed) would keep an old copy alive
+            for other in [k for k in stacks if set(k) & set(ident)]:
+                del stacks[other]
             projs: dict[str, torch.Tensor] = {}
             for k in keys:
                 if len(self.members) == 1:
@@ -206,8 +203,7 @@ def _batches(members: list[_Member], batched: bool | None) -> list[_Batch]:
 class _Plan:
     """A param group's work in one step."""
 
-    def __init__(self, group: dict[str, Any]) -> None:
-        self.group = group
+    def __init__(self) -> None:
         self.full: list[tuple[torch.Tensor, torch.Tensor, dict]] = []
         self.projected: list[_Member] = []
         self.waiting: list[_Member] = []
@@ -370,13 +366,13 @@ class CoapOptimizer(Optimizer):
 
         The flow, for the whole model at once: gather each group's parameters (full rank,
         projected, waiting for a first usable gradient); set the waiting ones up (one host sync
-        for all of them, one more if a fast recalibration needs its fallback); stack the
-        projected gradients of same-shaped layers and project each stack with one batched
-        product; run the refreshes that are due (no host sync for a correlation update, one
-        for every recalibration of the step together); then the subclass's functional update:
-        the full-rank tensors in one call per group, the projected moments of every layer in
-        one pass, and one batched back-projection per stack.  An ordinary step reads nothing
-        back from the device.
+        for all of them, one more if a fast recalibration needs its fallback); project the
+        same-shaped layers together (one batched product per stack on an accelerator, layer by
+        layer on the CPU: :class:`_Batch`); run the refreshes that are due (no host sync for a
+        correlation update, one for every recalibration of the step together); then the
+        subclass's functional update: the full-rank tensors in one call per group, the
+        projected moments of every layer in one pass, and the back-projections.  An ordinary
+        step reads nothing back from the device.
         """
         loss = None
         if closure is not None:
@@ -411,7 +407,7 @@ class CoapOptimizer(Optimizer):
     def _gather(self, group: dict[str, Any]) -> _Plan:
         """Sort a group's parameters with a gradient: full rank (state set up and step counted
         here), projected (step counted, refresh kind decided) or waiting for set-up."""
-        plan = _Plan(group)
+        plan = _Plan()
         schedule = None
         if group["schedule"] == "optimizer":
             schedule = ProjectionSchedule(group["update_interval"], group["reproject_factor"])
@@ -497,7 +493,9 @@ class CoapOptimizer(Optimizer):
         """Lay the new projectors in (where they are usable and finite; the old ones stay
         otherwise), carry the moments over (``restore_state``), and project the batch again with
         ``P_t``: this step's update already uses the new basis, as Algorithm 1 does."""
-        for m, (finite, usable, total, new, cos) in zip(batch.members, batch.pending):
+        pending, batch.pending = batch.pending, []
+        oks = []
+        for m, (_, usable, _, new, _) in zip(batch.members, pending):
             ok = usable
             for t in new.values():
                 ok = ok & torch.isfinite(t.sum())
@@ -505,20 +503,15 @@ class CoapOptimizer(Optimizer):
                 self._rotate_moments(m.state, m.proj, new, ok)
             for key, t in new.items():
                 m.state[key] = torch.where(ok, t, m.state[key])
-            tel = self._telemetry.setdefault(m.param, {})
-            tel.update(refresh=batch.refresh, step=m.state["step"], outcome=(finite, usable, ok), total=total)
-            tel["new_cos"] = cos
-        batch.pending.clear()
+            oks.append(ok)
         batch.project(self._stacks)
-        for j, m in enumerate(batch.members):
-            tel = self._telemetry[m.param]
+        for m, core, ok, (finite, usable, total, _, cos) in zip(batch.members, batch.cores, oks, pending):
+            tel = self._telemetry.setdefault(m.param, {})
+            tel.update(refresh=batch.refresh, step=m.state["step"], outcome=(finite, usable, ok))
             # energy of G outside the subspace now in use (exact for an orthonormal projector);
             # the cosine term is the correlation loss's, at P_{t-1}
-            captured = batch.cores[j].square().sum() / tel.pop("total").clamp_min(1e-30)
-            ok = tel["outcome"][2]
-            recon = (1 - captured).clamp_min(0).sqrt()
+            recon = (1 - core.square().sum() / total.clamp_min(1e-30)).clamp_min(0).sqrt()
             tel["recon_error"] = recon if "recon_error" not in tel else torch.where(ok, recon, tel["recon_error"])
-            cos = tel.pop("new_cos")
             if cos is not None:
                 tel["cos"] = cos if "cos" not in tel else torch.where(ok, cos, tel["cos"])
             elif "cos" in tel:

@@ -132,13 +132,24 @@ def adam_projected_updates(
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, cores, cores, 1 - beta2)
     denom = torch._foreach_sqrt(exp_avg_sqs)
+    lr_after = None  # a tensor lr applied after the per-core scalars, when those are floats
     if isinstance(steps, torch.Tensor):
         steps = steps.to(torch.float32)
-        torch._foreach_div_(denom, list((1 - torch.pow(beta2, steps)).sqrt().unbind(0)))
-        torch._foreach_add_(denom, eps)
-        updates = torch._foreach_div(exp_avgs, denom)
-        torch._foreach_mul_(updates, list((-lr / (1 - torch.pow(beta1, steps))).unbind(0)))
-        return updates
+        bc2_sqrt = list((1 - torch.pow(beta2, steps)).sqrt().unbind(0))
+        step_sizes = list((-lr / (1 - torch.pow(beta1, steps))).unbind(0))
+    else:
+        bc2_sqrt = [(1 - beta2**s) ** 0.5 for s in steps]
+        if isinstance(lr, torch.Tensor):
+            step_sizes, lr_after = [-1 / (1 - beta1**s) for s in steps], lr
+        else:
+            step_sizes = [-lr / (1 - beta1**s) for s in steps]
+    torch._foreach_div_(denom, bc2_sqrt)
+    torch._foreach_add_(denom, eps)
+    updates = torch._foreach_div(exp_avgs, denom)
+    torch._foreach_mul_(updates, step_sizes)
+    if lr_after is not None:
+        torch._foreach_mul_(updates, lr_after)
+    return updates
     torch._foreach_div_(denom, [(1 - beta2**s) ** 0.5 for s in steps])
     torch._foreach_add_(denom, eps)
     updates = torch._foreach_div(exp_avgs, denom)

@@ -195,9 +195,6 @@ class SvdFallbacks:
     def add(self, ok: torch.Tensor, out: torch.Tensor, fallback) -> None:
         self._pending.append((ok, self.guard, out, fallback))
 
-    def __len__(self) -> int:
-        return len(self._pending)
-
     def resolve(self) -> int:
         """Run the fallbacks that are needed; returns how many ran.  One host sync when every
         fast path held (the common case), a second (a copy of the flags) when one did not."""
@@ -226,17 +223,15 @@ def recalibrate(
     """The new projector of a recalibration: :func:`low_cost_svd` of ``(h, a)`` laid onto ``old``
     (:func:`align_basis`; ``old=None``: as returned).  With ``fallbacks`` no host sync is made:
     the fast path's result is returned and its Householder fallback registered there."""
+
+    def laid(new: torch.Tensor) -> torch.Tensor:
+        return new if old is None else align_basis(old, new, alignment)
+
     if fallbacks is None:
-        new = low_cost_svd(h, a, rank)[0]
-        return new if old is None else align_basis(old, new, alignment)
+        return laid(low_cost_svd(h, a, rank)[0])
     z, _, ok = _low_cost_svd_fast(h, a, rank)
-    out = z if old is None else align_basis(old, z, alignment)
-
-    def fallback() -> torch.Tensor:
-        new = _low_cost_svd_householder(h, a, rank)[0]
-        return new if old is None else align_basis(old, new, alignment)
-
-    fallbacks.add(ok, out, fallback)
+    out = laid(z)
+    fallbacks.add(ok, out, lambda: laid(_low_cost_svd_householder(h, a, rank)[0]))
     return out
 
 
