@@ -243,3 +243,15 @@ def test_compiled_functional_core_is_one_graph_over_a_cosine_schedule():
 def test_invalid_foreach_is_refused_with_its_value():
     with pytest.raises(ValueError, match=r"Invalid foreach: 'yes' \(expected True, False or None\)"):
         CoapAdamW(_params(), foreach="yes")
+
+
+def test_invalid_batched_products_is_refused_before_any_work():
+    params = _params()
+    opt = CoapAdamW(params, rank_ratio_conv=4, min_conv_numel=100)
+    opt.batched_products = "gpu"
+    for p, g in zip(params, _grads(params, 0)):
+        p.grad = g
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=r"Invalid batched_products: 'gpu' \(expected True, False or None\)"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, params)) and not opt.state

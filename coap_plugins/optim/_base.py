@@ -379,6 +379,8 @@ class CoapOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.last_refresh_seconds = 0.0
+        if self.batched_products not in (None, True, False):
+            raise ValueError(f"Invalid batched_products: {self.batched_products!r} (expected True, False or None)")
         plans = [self._gather(group) for group in self.param_groups]
         self._set_up(plans)
         start = time.perf_counter()
