@@ -351,7 +351,15 @@ def test_zero_gradient_waits_for_set_up_and_only_decays():
     opt = CoapAdamW([p], lr=0.1, weight_decay=0.5, rank=4)
     p.grad = torch.zeros(32, 32)
     opt.step()
-    assert len(opt.state[p]) == 0  # no projector built from an all-zero gradient
+    # no projector built from an all-zero gradient: zeros of the final shapes, step 0 (so that a
+    # distributed checkpoint's template, built from one step on zero gradients, holds the layer)
+    state = opt.state[p]
+    assert state["step"] == 0 and {k: tuple(v.shape) for k, v in state.items() if k != "step"} == {
+        "proj": (32, 4),
+        "exp_avg": (32, 4),
+        "exp_avg_sq": (32, 4),
+    }
+    assert all(not v.any() for k, v in state.items() if k != "step")
     assert torch.allclose(p, torch.full((32, 32), 1 - 0.1 * 0.5))
     assert opt.waiting_parameters() == ["group0.param0"]
     assert opt.coap_report()["waiting"] == ["group0.param0"]
@@ -530,7 +538,8 @@ def test_optimizer_pickled_before_the_refresh_settings_keeps_stepping():
 @pytest.mark.parametrize("cls", OPTIMIZERS)
 def test_zero_gradient_step_with_lr_zero_changes_nothing(cls):
     """torch's distributed-checkpoint loader steps a fresh optimizer once with all-zero gradients
-    and lr 0 before loading: no weight moves and no projector is built from that."""
+    and lr 0 before loading: no weight moves and no projector is built from that, but every
+    projected layer holds zeros of its final shapes with step 0 (the loader's template)."""
     params = make_params()
     start = {k: v.detach().clone() for k, v in params.items()}
     opt = make_opt(cls, params, lr=0.0) if cls is CoapAdamW else make_opt(cls, params, lr=0.0, relative_step=False)
@@ -539,5 +548,6 @@ def test_zero_gradient_step_with_lr_zero_changes_nothing(cls):
     opt.step()
     for k, p in params.items():
         assert torch.equal(p, start[k]), k
-        assert not any(key.startswith("proj") for key in opt.state[p]), k
+        projectors = [v for key, v in opt.state[p].items() if key.startswith("proj")]
+        assert all(not v.any() for v in projectors), k
     assert len(opt.waiting_parameters()) == 4  # tall, wide, conv, 1x1 conv wait for a usable gradient

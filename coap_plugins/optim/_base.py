@@ -49,6 +49,8 @@ from ..projection.linalg import (
 )
 from ..projection.routing import PROJECTION_REASONS, policy_reason, route_in_group
 from ..schedule import ProjectionSchedule
+from ._quant import BLOCKSIZE
+from ._sharded import check_placement, is_dtensor, local_view, param_split, write_back
 from ._storage import MomentStorage
 
 __all__ = ["CoapOptimizer", "COAP_GROUP_KEYS", "RESIDUALS", "coap_defaults"]
@@ -92,13 +94,47 @@ _EMPTY_PROJECTION = 1e-10
 
 class _Member:
     """One projected parameter in a step: the tensor, its fp32 gradient, state, projector,
-    index in its group and the refresh due."""
+    index in its group and the refresh due.  For a sharded parameter (FSDP2) ``param``,
+    ``grad``, ``state`` and ``proj`` are this rank's local ones, ``key`` the DTensor parameter
+    itself and ``split`` how its rows are split; for any other ``key`` is ``param``."""
 
-    __slots__ = ("param", "grad", "state", "proj", "index", "refresh")
+    __slots__ = ("param", "grad", "state", "proj", "index", "refresh", "key", "split")
 
-    def __init__(self, param, grad, state, proj, index, refresh) -> None:
+    def __init__(self, param, grad, state, proj, index, refresh, key=None, split=None) -> None:
         self.param, self.grad, self.state = param, grad, state
         self.proj, self.index, self.refresh = proj, index, refresh
+        self.key = param if key is None else key
+        self.split = split
+
+    @property
+    def core_split(self):
+        """The split of this member's core rows (``None`` when every rank holds its whole core)."""
+        return self.split if self.split is not None and self.proj.moments_sharded else None
+
+
+class _ShardPlan:
+    """How a sharded parameter's step and state are laid out on this rank (cached per parameter):
+    its split, local projector, the state keys kept as DTensors and every key's global shape."""
+
+    __slots__ = ("key", "split", "proj", "sharded", "shapes")
+
+    def __init__(self, key, split, proj, sharded, shapes) -> None:
+        self.key, self.split, self.proj, self.sharded, self.shapes = key, split, proj, sharded, shapes
+
+
+def _sum_sharded(values: list[torch.Tensor], splits: list) -> list[torch.Tensor]:
+    """``values`` (0-d tensors) with those of split members summed over their shard groups
+    (one collective per group); the others as they are."""
+    out = list(values)
+    groups: dict[Any, list[int]] = {}
+    for i, s in enumerate(splits):
+        if s is not None:
+            groups.setdefault(s.group, []).append(i)
+    for idx in groups.values():
+        (summed,) = splits[idx[0]].sum(torch.stack([values[i] for i in idx]))
+        for i, v in zip(idx, summed.unbind(0)):
+            out[i] = v
+    return out
 
 
 class _Batch:
@@ -195,16 +231,21 @@ def _batches(members: list[_Member], batched: bool | None) -> list[_Batch]:
             m.param.dtype,
             m.param.device,
             m.refresh,
+            m.split is not None,
         )
         keyed.setdefault(key, []).append(m)
-    return [_Batch(ms, ms[0].param.device.type != "cpu" if batched is None else batched) for ms in keyed.values()]
+    out = []
+    for ms in keyed.values():
+        on = ms[0].param.device.type != "cpu" if batched is None else batched
+        out.append(_Batch(ms, on and ms[0].split is None))  # a sharded layer's products carry collectives
+    return out
 
 
 class _Plan:
     """A param group's work in one step."""
 
     def __init__(self) -> None:
-        self.full: list[tuple[torch.Tensor, torch.Tensor, dict]] = []
+        self.full: list[tuple[torch.Tensor, torch.Tensor, dict, Any]] = []
         self.projected: list[_Member] = []
         self.waiting: list[_Member] = []
         self.batches: list[_Batch] = []
@@ -233,6 +274,9 @@ class CoapOptimizer(Optimizer):
     batched_products: bool | None = None
     # settings added after the first release, with the value an older pickle behaves as
     _later_settings: dict[str, Any] = _LATER_SETTINGS
+    # moments that never follow the rows of their tensor (Adafactor's column statistics): under
+    # FSDP2 they are replicated even where the moment itself is sharded
+    replicated_moments: frozenset[str] = frozenset()
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         self._init_runtime()
@@ -247,6 +291,9 @@ class CoapOptimizer(Optimizer):
         self._telemetry: dict[torch.Tensor, dict[str, Any]] = {}
         # stacked projectors of each batch of same-shaped layers, kept between steps (_Batch.project)
         self._stacks: dict[tuple[int, ...], tuple] = {}
+        # layouts of FSDP2-sharded parameters, and this step's local views of their state
+        self._shard_plans: dict[torch.Tensor, _ShardPlan] = {}
+        self._local_states: list[tuple[torch.Tensor, dict, dict, _ShardPlan]] = []
         self.last_refresh_seconds = 0.0
 
     # -- groups and validation ---------------------------------------------------------------
@@ -278,6 +325,10 @@ class CoapOptimizer(Optimizer):
                 group[key] = list(group[key])
         try:
             self._validate_group(group)
+            for i, p in enumerate(group["params"]):
+                check_placement(p, type(self).__name__)
+                if is_dtensor(p):
+                    self._shard_plan(p, group, i)
         except ValueError:
             self.param_groups.pop()
             raise
@@ -322,6 +373,48 @@ class CoapOptimizer(Optimizer):
             cached = (key, proj, reason)
             self._projectors[p] = cached
         return cached[1], cached[2]
+
+    def _shard_plan(self, p: torch.Tensor, group: dict[str, Any], index: int) -> _ShardPlan:
+        """The layout of a sharded parameter on this rank (see :mod:`._sharded`), rebuilt when
+        its routing changes.  An 8-bit moment can only be split where the ranks' shards start at
+        block boundaries (the absmax of a block is a value of the whole tensor): any other
+        split is refused here, when the optimizer is built."""
+        proj, _ = self._route(p, group, index)
+        split = param_split(p)
+        key = (id(proj), split.world, split.rank)
+        plan = self._shard_plans.get(p)
+        if plan is not None and plan.key == key:
+            return plan
+        local = None if proj is None else proj.sharded(split)
+        shapes = self._expected_state_shapes(p, group, index)
+        sharded = set(() if local is None else local.sharded_keys)
+        if local is None or local.moments_sharded:
+            moment_shape = tuple(p.shape) if proj is None else proj.moment_shape
+            for name, shape in self._moment_shapes(moment_shape, group).items():
+                if name in self.replicated_moments:
+                    continue
+                keys = self._storage.state_shapes(name, shape)
+                if name + "_absmax" in keys:
+                    self._check_block_split(p, name, shape, split)
+                sharded.update(keys)
+        plan = _ShardPlan(key, split, local, frozenset(sharded), shapes)
+        self._shard_plans[p] = plan
+        return plan
+
+    def _check_block_split(self, p: torch.Tensor, name: str, shape: tuple[int, ...], split) -> None:
+        row = math.prod(shape[1:])
+        blocks = -(-math.prod(shape) // BLOCKSIZE)
+        per_rank = -(-blocks // split.world)
+        for r in range(split.world):
+            first = min(r * split.chunk, split.total) * row
+            if first % BLOCKSIZE or first // BLOCKSIZE != min(r * per_rank, blocks):
+                raise ValueError(
+                    f"{type(self).__name__}: the 8-bit moment {name!r} {shape} of the parameter of shape "
+                    f"{tuple(p.shape)} would be split across {split.world} ranks at element {first}, not at a "
+                    f"{BLOCKSIZE}-element block boundary of the whole tensor (rows of {row} elements, "
+                    f"{split.chunk} rows per rank); shard it over a world size that splits it at blocks, "
+                    f"route it full rank, or use the fp32 form"
+                )
 
     def routing(self) -> list[dict[str, Any]]:
         """One row per parameter: group, index, name (when known), shape, projector and reason.
@@ -381,6 +474,7 @@ class CoapOptimizer(Optimizer):
         self.last_refresh_seconds = 0.0
         if self.batched_products not in (None, True, False):
             raise ValueError(f"Invalid batched_products: {self.batched_products!r} (expected True, False or None)")
+        self._local_states = []
         plans = [self._gather(group) for group in self.param_groups]
         self._set_up(plans)
         start = time.perf_counter()
@@ -404,6 +498,9 @@ class CoapOptimizer(Optimizer):
             if plan.batches:
                 self._projected_update(group, plan.batches)
             group["pending_refresh"] = "none"
+        for p, state, local, shard in self._local_states:
+            write_back(state, local, shard.sharded, shard.shapes, p)
+        self._local_states = []
         return loss
 
     def _gather(self, group: dict[str, Any]) -> _Plan:
@@ -423,43 +520,62 @@ class CoapOptimizer(Optimizer):
                 raise RuntimeError(f"{type(self).__name__} does not support complex parameters (got {p.dtype})")
             proj, _ = self._route(p, group, i)
             state = self.state[p]
+            key, split, whole = p, None, None
+            if is_dtensor(p):  # FSDP2: the step works on this rank's shard (see _sharded)
+                shard = self._shard_plan(p, group, i)
+                local = local_view(state, shard.sharded, shard.split)
+                self._local_states.append((p, state, local, shard))
+                p, grad, state, proj = p._local_tensor, grad.to_local(), local, shard.proj
+                split, whole = shard.split, tuple(key.shape)
             g32 = grad if grad.dtype == torch.float32 else grad.float()
             if proj is None:
                 if not state:
                     state["step"] = 0
-                    self._init_moments(state, tuple(p.shape), p, group)
+                    self._init_moments(state, tuple(p.shape), p, group, whole)
                 state["step"] += 1
-                plan.full.append((p, g32, state))
-            elif not state:
-                plan.waiting.append(_Member(p, g32, state, proj, i, "none"))
+                plan.full.append((p, g32, state, split))
+            elif not state or state["step"] == 0:
+                plan.waiting.append(_Member(p, g32, state, proj, i, "none", key, split))
             else:
                 refresh = group["pending_refresh"]
                 if schedule is not None and refresh == "none":
                     refresh = schedule.refresh_at(state["step"] + 1)
                 state["step"] += 1
-                plan.projected.append(_Member(p, g32, state, proj, i, refresh))
+                plan.projected.append(_Member(p, g32, state, proj, i, refresh, key, split))
         return plan
 
     def _set_up(self, plans: list[_Plan]) -> None:
         """Projectors of the layers seeing their first gradient: one host sync decides which
         gradients are usable (finite, not all zero), one more resolves the recalibrations'
         fallbacks.  A layer whose gradient is unusable only takes weight decay (e.g. a block
-        behind a zero-initialised norm) and waits for the next."""
+        behind a zero-initialised norm) and waits for the next, with zeros in its state (step 0):
+        the state has the same keys and shapes at every step, so a distributed checkpoint's
+        template (which torch builds from one step on zero gradients) holds every layer.  A
+        sharded layer decides on its whole gradient (a sum over its shard group)."""
         waiting = [(group, plan, m) for group, plan in zip(self.param_groups, plans) for m in plan.waiting]
         if not waiting:
             return
-        peaks = [m.grad.abs().amax() for _, _, m in waiting]
-        flags = torch.stack([torch.isfinite(peak) & (peak > 0) for peak in peaks])
+        bad = [(~torch.isfinite(m.grad)).any().float() for _, _, m in waiting]
+        some = [(m.grad != 0).any().float() for _, _, m in waiting]
+        splits = [m.split for _, _, m in waiting]
+        bad, some = _sum_sharded(bad, splits), _sum_sharded(some, splits)
+        flags = torch.stack([(b == 0) & (s > 0) for b, s in zip(bad, some)])
         usable = [True] * len(waiting) if bool(flags.all()) else flags.cpu().tolist()
         fallbacks = SvdFallbacks()
         for (group, plan, m), ok in zip(waiting, usable):
+            whole = None if m.split is None else self._route(m.key, group, m.index)[0].moment_shape
             if not ok:
-                self._decay_only(m.param, group)
+                self._decay_only(m.param, group, m.split)
+                if not m.state:
+                    for key, shape in m.proj.state_shapes().items():
+                        m.state[key] = torch.zeros(shape, dtype=torch.float32, device=m.param.device)
+                    self._init_moments(m.state, m.proj.moment_shape, m.param, group, whole)
+                    m.state["step"] = 0
                 continue
             names = group.get("param_names")
-            seed = param_seed(group["seed"], tuple(m.param.shape), names[m.index] if names else None, m.index)
+            seed = param_seed(group["seed"], tuple(m.key.shape), names[m.index] if names else None, m.index)
             m.proj.setup(m.state, m.grad, seed, fallbacks)
-            self._init_moments(m.state, m.proj.moment_shape, m.param, group)
+            self._init_moments(m.state, m.proj.moment_shape, m.param, group, whole)
             m.state["step"] = 1
             plan.projected.append(m)
         fallbacks.resolve()
@@ -474,6 +590,11 @@ class CoapOptimizer(Optimizer):
             core = batch.cores[j]
             energy = core.square().sum()
             total = torch.linalg.vector_norm(m.grad).square()
+            if m.split is not None:  # decided on the whole gradient, the same on every rank
+                if m.core_split is not None:
+                    energy, total = m.split.sum(energy, total)
+                else:
+                    (total,) = m.split.sum(total)
             finite = torch.isfinite(energy)
             usable = finite & (energy > _EMPTY_PROJECTION * total)
             fallbacks.guard = usable
@@ -499,8 +620,11 @@ class CoapOptimizer(Optimizer):
         oks = []
         for m, (_, usable, _, new, _) in zip(batch.members, pending):
             ok = usable
-            for t in new.values():
-                ok = ok & torch.isfinite(t.sum())
+            for key, t in new.items():
+                total = t.sum()
+                if key in m.proj.sharded_keys:  # finite on every rank, or on none
+                    (total,) = m.split.sum(total)
+                ok = ok & torch.isfinite(total)
             if group["restore_state"]:
                 self._rotate_moments(m.state, m.proj, new, ok)
             for key, t in new.items():
@@ -508,11 +632,14 @@ class CoapOptimizer(Optimizer):
             oks.append(ok)
         batch.project(self._stacks)
         for m, core, ok, (finite, usable, total, _, cos) in zip(batch.members, batch.cores, oks, pending):
-            tel = self._telemetry.setdefault(m.param, {})
+            tel = self._telemetry.setdefault(m.key, {})
             tel.update(refresh=batch.refresh, step=m.state["step"], outcome=(finite, usable, ok))
             # energy of G outside the subspace now in use (exact for an orthonormal projector);
             # the cosine term is the correlation loss's, at P_{t-1}
-            recon = (1 - core.square().sum() / total.clamp_min(1e-30)).clamp_min(0).sqrt()
+            energy = core.square().sum()
+            if m.core_split is not None:
+                (energy,) = m.split.sum(energy)
+            recon = (1 - energy / total.clamp_min(1e-30)).clamp_min(0).sqrt()
             tel["recon_error"] = recon if "recon_error" not in tel else torch.where(ok, recon, tel["recon_error"])
             if cos is not None:
                 tel["cos"] = cos if "cos" not in tel else torch.where(ok, cos, tel["cos"])
@@ -549,14 +676,22 @@ class CoapOptimizer(Optimizer):
         scales = [b.proj.size_ratio if group["update_scale"] == "auto" else group["update_scale"] for b in batches]
         member_scales = [s for s, b in zip(scales, batches) for _ in b.members]
         if group["residual"] == "scaled":
-            grads = [m.grad for b in batches for m in b.members]
+            members = [m for b in batches for m in b.members]
+            grads = [m.grad for m in members]
+            norms = [torch.stack(torch._foreach_norm(t)) for t in (grads, updates, cores)]
+            if any(m.split is not None for m in members):  # norms of the whole tensors, where split
+                norms = [
+                    torch.stack(_sum_sharded(list(n.square().unbind(0)), splits)).sqrt()
+                    for n, splits in zip(
+                        norms,
+                        ([m.split for m in members], *[[m.core_split for m in members]] * 2),
+                    )
+                ]
             # the denominator is at least a tenth of the gradient's norm: a gradient the subspace
             # barely holds (|G P| -> 0) cannot blow the residual up past 10x the projected update
-            floor = torch.stack(torch._foreach_norm(grads)).mul_(_RESIDUAL_FLOOR).clamp_min_(1e-30)
+            floor = norms[0].mul_(_RESIDUAL_FLOOR).clamp_min_(1e-30)
             # negative: ``u`` carries the descent sign of its step size, the residual takes it too
-            phi = torch.stack(torch._foreach_norm(updates)).div_(
-                torch.maximum(torch.stack(torch._foreach_norm(cores)), floor).neg_()
-            )
+            phi = norms[1].div_(torch.maximum(norms[2], floor).neg_())
             phis = phi.unbind(0)
             torch._foreach_mul_(updates, member_scales)
             torch._foreach_addcmul_(updates, cores, phis, value=-1.0)
@@ -587,13 +722,20 @@ class CoapOptimizer(Optimizer):
                         m.param.addcmul_(m.grad, phis[j])
             offset += n
 
-    def _decay_only(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+    def _decay_only(self, p: torch.Tensor, group: dict[str, Any], split=None) -> None:
         if group["weight_decay"] != 0 and group["lr"] is not None:
             p.mul_(1 - group["lr"] * group["weight_decay"])
 
-    def _init_moments(self, state: dict, shape: tuple[int, ...], p: torch.Tensor, group: dict) -> None:
-        for key, s in self._moment_shapes(shape, group).items():
-            self._storage.allocate(state, key, s, p.device)
+    def _init_moments(
+        self, state: dict, shape: tuple[int, ...], p: torch.Tensor, group: dict, whole: tuple[int, ...] | None = None
+    ) -> None:
+        """Allocate the moments for a gradient (or core) of ``shape`` on ``p``'s device; ``whole``
+        is the shape of the whole tensor when ``shape`` is a shard of it (the storage decides
+        by the whole one)."""
+        shapes = self._moment_shapes(shape, group)
+        wholes = shapes if whole is None else self._moment_shapes(whole, group)
+        for key, s in shapes.items():
+            self._storage.allocate(state, key, s, p.device, wholes[key])
 
     # -- subclass hooks ----------------------------------------------------------------------
     def _moment_shapes(self, shape: tuple[int, ...], group: dict) -> dict[str, tuple[int, ...]]:
@@ -603,8 +745,9 @@ class CoapOptimizer(Optimizer):
     def _direction_moment(self, state: dict, core: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _full_rank_update(self, group: dict, params: tuple, grads: tuple, states: tuple) -> None:
-        """The full-rank update of a group's unprojected parameters (steps already counted)."""
+    def _full_rank_update(self, group: dict, params: tuple, grads: tuple, states: tuple, splits: tuple) -> None:
+        """The full-rank update of a group's unprojected parameters (steps already counted);
+        ``splits``: how each one's rows are split across ranks (FSDP2), ``None`` where not."""
         raise NotImplementedError
 
     def _projected_update(self, group: dict, batches: list[_Batch]) -> None:
@@ -695,15 +838,21 @@ class CoapOptimizer(Optimizer):
         self._stacks.clear()
 
     # -- telemetry ---------------------------------------------------------------------------
-    def state_bytes(self, p: torch.Tensor | None = None) -> int:
-        """Bytes of optimizer state (projectors and moments) for ``p``, or in total."""
+    def state_bytes(self, p: torch.Tensor | None = None, *, replicated: bool | None = None) -> int:
+        """Bytes of optimizer state (projectors and moments) this process holds for ``p``, or in
+        total.  Under FSDP2 a sharded tensor counts its local shard; ``replicated=True`` counts
+        only the tensors every rank holds whole, ``False`` only the sharded ones."""
         params = [p] if p is not None else [q for g in self.param_groups for q in g["params"]]
-        return sum(
-            v.numel() * v.element_size()
-            for q in params
-            for v in self.state.get(q, {}).values()
-            if isinstance(v, torch.Tensor)
-        )
+        total = 0
+        for q in params:
+            for v in self.state.get(q, {}).values():
+                if not isinstance(v, torch.Tensor):
+                    continue
+                shard = is_dtensor(v)
+                if replicated is None or replicated != shard:
+                    local = v._local_tensor if shard else v
+                    total += local.numel() * local.element_size()
+        return total
 
     def predicted_state_bytes(self, p: torch.Tensor | None = None) -> int:
         """Bytes of optimizer state ``p`` (or every parameter) will hold once it has received its
@@ -743,12 +892,16 @@ class CoapOptimizer(Optimizer):
         """Bytes of moments the full-rank counterpart (torch AdamW / Adafactor) would hold."""
         return sum(self._full_rank_equivalent_bytes(p, g) for g in self.param_groups for p in g["params"])
 
+    def _waiting(self, p: torch.Tensor) -> bool:
+        state = self.state.get(p)
+        return not state or state.get("step") == 0
+
     def waiting_parameters(self) -> list[str]:
         """Projected parameters still waiting for their first usable gradient (names when known)."""
         out = []
         for row in self.routing():
             p = self.param_groups[row["group"]]["params"][row["index"]]
-            if row["projector"] is not None and not self.state.get(p):
+            if row["projector"] is not None and self._waiting(p):
                 out.append(row["name"] or f"group{row['group']}.param{row['index']}")
         return out
 
@@ -801,7 +954,7 @@ class CoapOptimizer(Optimizer):
                 "reason": row["reason"],
                 "state_bytes": self.state_bytes(p),
                 "full_rank_bytes": self._full_rank_equivalent_bytes(p, self.param_groups[row["group"]]),
-                "waiting": row["projector"] is not None and not self.state.get(p),
+                "waiting": row["projector"] is not None and self._waiting(p),
             }
             if "refresh" in tel:
                 entry["last_refresh"] = tel["refresh"]

@@ -30,7 +30,11 @@ class MomentStorage:
     def __init__(self, nonnegative: Collection[str] = ()) -> None:
         self.nonnegative = frozenset(nonnegative)
 
-    def allocate(self, state: dict, key: str, shape: tuple[int, ...], device: torch.device) -> None:
+    def allocate(
+        self, state: dict, key: str, shape: tuple[int, ...], device: torch.device, whole: tuple[int, ...] | None = None
+    ) -> None:
+        """Zeros for moment ``key`` of ``shape``; ``whole`` is the whole tensor's shape when this
+        is a shard of it (FSDP2)."""
         state[key] = torch.zeros(shape, dtype=torch.float32, device=device)
 
     def load(self, state: dict, key: str) -> torch.Tensor:
@@ -60,9 +64,11 @@ class Blockwise8bitStorage(MomentStorage):
     def _signed(self, key: str) -> bool:
         return key not in self.nonnegative
 
-    def allocate(self, state: dict, key: str, shape: tuple[int, ...], device: torch.device) -> None:
+    def allocate(
+        self, state: dict, key: str, shape: tuple[int, ...], device: torch.device, whole: tuple[int, ...] | None = None
+    ) -> None:
         numel = math.prod(shape)
-        if numel < MIN_8BIT_NUMEL:
+        if math.prod(shape if whole is None else whole) < MIN_8BIT_NUMEL:  # decided by the whole tensor
             super().allocate(state, key, shape, device)
             return
         state[key] = torch.zeros(shape, dtype=torch.uint8, device=device)

@@ -9,7 +9,7 @@ import torch
 
 from .._checks import check_lr, check_nonnegative, conv_ratio_alias
 from ..projection import DEFAULT_MIN_CONV_NUMEL, Projector
-from ..projection.linalg import DEFAULT_BASIS_ALIGNMENT, DEFAULT_CORRELATION_LOSS
+from ..projection.linalg import DEFAULT_BASIS_ALIGNMENT, DEFAULT_CORRELATION_LOSS, Split
 from ._base import DEFAULT_RESIDUAL, CoapOptimizer, _Batch, coap_defaults
 from .adamw import ParamsT
 
@@ -40,14 +40,18 @@ def adafactor_direction(
     beta2t: float,
     eps1: float,
     clip_threshold: float,
+    split: Split | None = None,
 ) -> torch.Tensor:
     """Adafactor's normalized, clipped update for ``grad``; updates the second moment in place.
 
     ``second`` holds ``exp_avg_sq_row`` and ``exp_avg_sq_col`` (the factored second moment of the
     2-D view of a tensor with two or more dims: row and column means of ``grad^2 + eps1``) or
-    ``exp_avg_sq`` (1-D tensors).
+    ``exp_avg_sq`` (1-D tensors).  With ``split`` ``grad`` is this rank's rows of the whole
+    tensor (FSDP2): the row statistics are local, the column means, the mean row statistic and
+    the update's RMS are sums over ranks (two small all-reduces).
     """
     sq = grad.square().add_(eps1)
+    rows = grad.shape[0] if split is None else split.total
     if "exp_avg_sq" in second:
         second["exp_avg_sq"].mul_(beta2t).add_(sq, alpha=1 - beta2t)
         update = second["exp_avg_sq"].rsqrt().mul_(grad)
@@ -55,11 +59,21 @@ def adafactor_direction(
         sq2 = _as_matrix(sq)
         row, col = second["exp_avg_sq_row"], second["exp_avg_sq_col"]
         row.mul_(beta2t).add_(sq2.mean(dim=1), alpha=1 - beta2t)
-        col.mul_(beta2t).add_(sq2.mean(dim=0), alpha=1 - beta2t)
-        r_factor = (row / row.mean()).rsqrt_().unsqueeze(1)
+        if split is None:
+            col.mul_(beta2t).add_(sq2.mean(dim=0), alpha=1 - beta2t)
+            row_mean = row.mean()
+        else:
+            col_sum, row_sum = split.sum(sq2.sum(dim=0), row.sum())
+            col.mul_(beta2t).add_(col_sum / rows, alpha=1 - beta2t)
+            row_mean = row_sum / rows
+        r_factor = (row / row_mean).rsqrt_().unsqueeze(1)
         c_factor = col.rsqrt().unsqueeze(0)
         update = (r_factor * c_factor).view(grad.shape).mul_(grad)
-    rms = update.square().mean().sqrt()
+    if split is None:
+        rms = update.square().mean().sqrt()
+    else:
+        (sq_sum,) = split.sum(update.square().sum())
+        rms = (sq_sum / (rows * math.prod(grad.shape[1:]))).sqrt()
     update.div_((rms / clip_threshold).clamp_(min=1.0))
     return update
 
@@ -111,6 +125,7 @@ class CoapAdafactor(CoapOptimizer):
     """
 
     nonnegative_moments = frozenset({"exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col"})
+    replicated_moments = frozenset({"exp_avg_sq_col"})
 
     def __init__(
         self,
@@ -219,9 +234,10 @@ class CoapAdafactor(CoapOptimizer):
         return 4 * sum(math.prod(s) for s in shapes.values())
 
     # -- updates -----------------------------------------------------------------------------
-    def _step_lr(self, p: torch.Tensor, group: dict, step: int) -> float | torch.Tensor:
+    def _step_lr(self, p: torch.Tensor, group: dict, step: int, split: Split | None = None) -> float | torch.Tensor:
         """The step's learning rate; a 0-d device tensor when scaled by the parameter's RMS
-        (reading it back would cost a host sync per parameter and step on a GPU)."""
+        (reading it back would cost a host sync per parameter and step on a GPU); with ``split``
+        ``p`` is this rank's rows and the RMS is the whole parameter's."""
         if group["relative_step"]:
             min_step = 1e-6 * step if group["warmup_init"] else 1e-2
             lr = min(min_step, 1.0 / math.sqrt(step))
@@ -230,24 +246,37 @@ class CoapAdafactor(CoapOptimizer):
         if group["scale_parameter"]:
             # in fp32 at least (bf16/fp16 weights are upcast in the reduction; float64 stays)
             acc = torch.promote_types(p.dtype, torch.float32)
-            rms = torch.linalg.vector_norm(p, dtype=acc) / math.sqrt(p.numel())
+            if split is None:
+                rms = torch.linalg.vector_norm(p, dtype=acc) / math.sqrt(p.numel())
+            else:
+                (sq,) = split.sum(torch.linalg.vector_norm(p, dtype=acc).square())
+                rms = sq.sqrt() / math.sqrt(split.total * math.prod(p.shape[1:]))
             return rms.clamp_min_(group["eps"][1]).mul_(lr)
         return lr
 
-    def _decay_only(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+    def _decay_only(self, p: torch.Tensor, group: dict[str, Any], split: Split | None = None) -> None:
         if group["weight_decay"] != 0:
-            p.mul_(1 - self._step_lr(p, group, 1) * group["weight_decay"])
+            p.mul_(1 - self._step_lr(p, group, 1, split) * group["weight_decay"])
 
-    def _direction(self, p: torch.Tensor, g: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
+    def _direction(
+        self,
+        p: torch.Tensor,
+        g: torch.Tensor,
+        state: dict,
+        group: dict,
+        split: Split | None = None,
+        g_split: Split | None = None,
+    ) -> torch.Tensor:
         """The step's update for ``g`` (a full gradient or a projected core), scaled by its
-        negative learning rate, with the moments updated and the weight decay applied to ``p``."""
+        negative learning rate, with the moments updated and the weight decay applied to ``p``.
+        ``split``: how ``p``'s rows are split across ranks (FSDP2), ``g_split`` ``g``'s."""
         step = state["step"]
-        lr = self._step_lr(p, group, step)
+        lr = self._step_lr(p, group, step, split)
         beta2t = 1.0 - math.pow(step, group["decay_rate"])
         keys = ("exp_avg_sq",) if "exp_avg_sq" in state else ("exp_avg_sq_row", "exp_avg_sq_col")
         second = {k: self._storage.load(state, k) for k in keys}
         update = adafactor_direction(
-            g, second, beta2t=beta2t, eps1=group["eps"][0], clip_threshold=group["clip_threshold"]
+            g, second, beta2t=beta2t, eps1=group["eps"][0], clip_threshold=group["clip_threshold"], split=g_split
         )
         for k, v in second.items():
             self._storage.store(state, k, v)
@@ -258,13 +287,15 @@ class CoapAdafactor(CoapOptimizer):
             p.mul_(1 - lr * group["weight_decay"])
         return update * lr.neg() if isinstance(lr, torch.Tensor) else update * -lr
 
-    def _full_rank_update(self, group: dict, params: tuple, grads: tuple, states: tuple) -> None:
+    def _full_rank_update(self, group: dict, params: tuple, grads: tuple, states: tuple, splits: tuple) -> None:
         """Adafactor per tensor (its factored statistics have a shape of their own per tensor)."""
-        for p, g, state in zip(params, grads, states):
-            p.add_(self._direction(p, g, state, group).to(p.dtype))
+        for p, g, state, split in zip(params, grads, states, splits):
+            p.add_(self._direction(p, g, state, group, split, split).to(p.dtype))
 
     def _projected_update(self, group: dict, batches: list[_Batch]) -> None:
         cores = [c for b in batches for c in b.cores]
         members = [m for b in batches for m in b.members]
-        updates = [self._direction(m.param, core, m.state, group) for m, core in zip(members, cores)]
+        updates = [
+            self._direction(m.param, core, m.state, group, m.split, m.core_split) for m, core in zip(members, cores)
+        ]
         self._apply_batches(group, batches, updates, cores)

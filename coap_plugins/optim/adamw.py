@@ -163,7 +163,7 @@ class CoapAdamW(CoapOptimizer):
         return 2 * p.numel() * p.element_size()
 
     # -- updates -----------------------------------------------------------------------------
-    def _full_rank_update(self, group: dict, params: tuple, grads: tuple, states: tuple) -> None:
+    def _full_rank_update(self, group: dict, params: tuple, grads: tuple, states: tuple, splits: tuple) -> None:
         """torch.optim.AdamW's update, bit for bit (``foreach`` as torch's flag)."""
         beta1, beta2 = group["betas"]
         load = self._storage.load

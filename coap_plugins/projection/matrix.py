@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from .linalg import (
     DEFAULT_BASIS_ALIGNMENT,
     DEFAULT_CORRELATION_LOSS,
+    Split,
     SvdFallbacks,
     correlation_step,
     random_orthonormal,
@@ -20,15 +22,25 @@ __all__ = ["MatrixProjector", "RefreshKind"]
 RefreshKind = Literal["correlation", "svd"]
 
 
-def setup_sketch(h: torch.Tensor, rank: int, seed: int, fallbacks: SvdFallbacks | None = None) -> torch.Tensor:
+def setup_sketch(
+    h: torch.Tensor, rank: int, seed: int, fallbacks: SvdFallbacks | None = None, split: Split | None = None
+) -> torch.Tensor:
     """First projector of a layer: a low-cost SVD pass from a seeded random start.
 
     The pass spans ``H^T H P``: the randomized range finder with one power iteration, so the
     start is already close to the top-r right subspace (the next recalibration refines it).  Runs
-    once per layer, at its first usable gradient; ``fallbacks`` as :func:`recalibrate`.
+    once per layer, at its first usable gradient; ``fallbacks`` as :func:`recalibrate`.  With a
+    ``split`` of the columns every rank draws the whole start and keeps its rows, so a sharded
+    layer starts where the unsharded one does.
     """
-    p = random_orthonormal(h.shape[1], rank, seed, device=h.device)
-    return recalibrate(None, h, h @ p, rank, fallbacks=fallbacks)
+    cols = split is not None and split.axis == "cols"
+    p = random_orthonormal(split.total if cols else h.shape[1], rank, seed, device=h.device)
+    if cols:
+        p = split.mine(p)
+    a = h @ p
+    if cols:
+        (a,) = split.sum(a)
+    return recalibrate(None, h, a, rank, fallbacks=fallbacks, split=split)
 
 
 class MatrixProjector:
@@ -45,6 +57,10 @@ class MatrixProjector:
     """
 
     kind = "matrix"
+    # set on the local view of a sharded layer (:meth:`sharded`): the split, and the state keys
+    # that are split with the weight
+    split: Split | None = None
+    sharded_keys: frozenset[str] = frozenset()
 
     def __init__(self, shape: tuple[int, int] | torch.Size, rank: int) -> None:
         rows, cols = int(shape[0]), int(shape[1])
@@ -57,6 +73,32 @@ class MatrixProjector:
 
     def __repr__(self) -> str:
         return f"MatrixProjector(shape={self.shape}, rank={self.rank})"
+
+    # -- sharding ----------------------------------------------------------------------------
+    def sharded(self, rows: Split) -> MatrixProjector:
+        """The projector of this rank's rows of the weight, ``rows`` describing how the weight's
+        first dimension is split (FSDP2's ``Shard(0)``).
+
+        A tall weight (m >= n) has its gradient's rows split: ``P`` (n x r) is replicated (every
+        rank holds the same), the moments (m x r) are sharded with the weight, and an ordinary
+        step needs no collective.  A wide weight (m < n) is projected along its rows, the split
+        dimension: ``P`` (m x r) is sharded with the weight, and the projection ``G^T P`` (n x r)
+        is a sum over ranks (one all-reduce of n x r per step), after which the moments (n x r)
+        are replicated.  Sizes (``moment_shape``, ``state_shapes``) become the local ones."""
+        local = copy.copy(self)
+        axis = "cols" if self.transposed else "rows"
+        local.split = Split(axis, rows.group, rows.world, rows.rank, rows.total, rows.chunk)
+        if self.transposed:
+            local.short = local.split.local
+            local.sharded_keys = frozenset({"proj"})
+        else:
+            local.long = local.split.local
+        return local
+
+    @property
+    def moments_sharded(self) -> bool:
+        """Whether the moments have the local rows of a sharded layer (else they are replicated)."""
+        return self.split is not None and self.split.axis == "rows"
 
     # -- sizes -------------------------------------------------------------------------------
     @property
@@ -77,7 +119,7 @@ class MatrixProjector:
     @property
     def size_ratio(self) -> float:
         """``min(m, n) / r``: how many times the projected side is reduced (``update_scale="auto"``)."""
-        return self.short / self.rank
+        return min(self.shape) / self.rank
 
     def step_macs(self) -> int:
         """Multiply-adds an ordinary step cannot avoid: projection and back-projection."""
@@ -88,10 +130,13 @@ class MatrixProjector:
         return grad.T if self.transposed else grad
 
     def setup(self, state: dict, grad: torch.Tensor, seed: int, fallbacks: SvdFallbacks | None = None) -> None:
-        state["proj"] = setup_sketch(self.tall(grad), self.rank, seed, fallbacks)
+        state["proj"] = setup_sketch(self.tall(grad), self.rank, seed, fallbacks, self.split)
 
     def project(self, state: dict, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return self.tall(grad) @ state["proj"], None
+        core = self.tall(grad) @ state["proj"]
+        if self.split is not None and self.split.axis == "cols":
+            (core,) = self.split.sum(core)
+        return core, None
 
     # -- batches of same-shaped layers -------------------------------------------------------
     def project_batch(self, projs: dict[str, torch.Tensor], grads: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -147,11 +192,13 @@ class MatrixProjector:
         """
         h = self.tall(grad)
         if kind == "correlation":
-            new_p, res = correlation_step(h, state["proj"], projected, moment, loss=correlation_loss)
+            new_p, res = correlation_step(h, state["proj"], projected, moment, loss=correlation_loss, split=self.split)
             return {"proj": new_p}, res.cos
-        return {"proj": recalibrate(state["proj"], h, projected, self.rank, alignment, fallbacks)}, None
+        return {"proj": recalibrate(state["proj"], h, projected, self.rank, alignment, fallbacks, self.split)}, None
 
     def rotate(self, core: torch.Tensor, state: dict, new: dict[str, torch.Tensor], squared: bool) -> torch.Tensor:
         """Carry a projected moment from the old basis into the new one (``restore_state``)."""
         t = state["proj"].T @ new["proj"]
+        if self.split is not None and self.split.axis == "cols":
+            (t,) = self.split.sum(t)
         return core @ (t * t) if squared else core @ t

@@ -15,6 +15,7 @@ transposed.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -22,6 +23,7 @@ import torch
 from .linalg import (
     DEFAULT_BASIS_ALIGNMENT,
     DEFAULT_CORRELATION_LOSS,
+    Split,
     SvdFallbacks,
     correlation_step,
     recalibrate,
@@ -45,6 +47,12 @@ class Tucker2Projector:
     """
 
     kind = "tucker2"
+    # set on the local view of a sharded layer (:meth:`sharded`): the splits of the two modes
+    split: Split | None = None
+    split_in: Split | None = None
+    # the moments (the core) are whole on every rank of a sharded layer; P_O is split with it
+    moments_sharded = False
+    sharded_keys: frozenset[str] = frozenset()
 
     def __init__(self, shape: tuple[int, ...] | torch.Size, rank_out: int, rank_in: int | None) -> None:
         if len(shape) != 4:
@@ -74,6 +82,23 @@ class Tucker2Projector:
     def __repr__(self) -> str:
         return f"Tucker2Projector(shape={self.shape}, rank_out={self.rank_out}, rank_in={self.rank_in})"
 
+    # -- sharding ----------------------------------------------------------------------------
+    def sharded(self, rows: Split) -> Tucker2Projector:
+        """The projector of this rank's output channels, ``rows`` describing how the weight's
+        first dimension (O) is split (FSDP2's ``Shard(0)``).
+
+        The output mode is projected along O, the split dimension: ``P_O`` (O x r_O) is sharded
+        with the weight, and ``P_O^T G_(1)`` (r_O x I k) is a sum over ranks (one all-reduce
+        per step).  From there the core, the moments (r_O x k x r_I) and ``P_I`` (I x r_I) are
+        replicated: every rank holds the same.  The input mode's unfolding has the local rows
+        ``(o, kk)``, so its refreshes reduce r x r and r x I products.  Sizes become local."""
+        local = copy.copy(self)
+        local.split = Split("cols", rows.group, rows.world, rows.rank, rows.total, rows.chunk)
+        local.split_in = Split("rows", rows.group, rows.world, rows.rank, rows.total, rows.chunk).scaled(self.k)
+        local.out_ch = local.split.local
+        local.sharded_keys = frozenset({"proj_out"})
+        return local
+
     # -- sizes -------------------------------------------------------------------------------
     @property
     def ranks(self) -> dict[str, int | None]:
@@ -98,7 +123,7 @@ class Tucker2Projector:
     def size_ratio(self) -> float:
         """``(O / r_O) (I / r_I)`` (``O / r_O`` with the input mode unprojected): how many times
         the channel modes are reduced together, as :attr:`MatrixProjector.size_ratio`."""
-        return self.out_ch / self.rank_out * self.in_ch / self.core_in
+        return self.shape[0] / self.rank_out * self.in_ch / self.core_in
 
     def step_macs(self) -> int:
         """Multiply-adds of projection plus back-projection (output mode first: the cheaper order)."""
@@ -123,15 +148,17 @@ class Tucker2Projector:
 
     # -- the hot path ----------------------------------------------------------------------
     def setup(self, state: dict, grad: torch.Tensor, seed: int, fallbacks: SvdFallbacks | None = None) -> None:
-        state["proj_out"] = setup_sketch(self._out_unfolding(grad).T, self.rank_out, seed, fallbacks)
+        state["proj_out"] = setup_sketch(self._out_unfolding(grad).T, self.rank_out, seed, fallbacks, self.split)
         if self.rank_in is not None:
             state["proj_in"] = setup_sketch(
-                self._in_unfolding_t(grad), self.rank_in, seed + _IN_MODE_SEED_OFFSET, fallbacks
+                self._in_unfolding_t(grad), self.rank_in, seed + _IN_MODE_SEED_OFFSET, fallbacks, self.split_in
             )
 
     def project(self, state: dict, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the core ``(r_O, k, r_I)`` and ``P_O^T G_(1)`` ((r_O, I k), kept for refreshes)."""
         t1 = state["proj_out"].T @ self._out_unfolding(grad)
+        if self.split is not None:  # contracts the split output channels
+            (t1,) = self.split.sum(t1)
         t1k = self._to_core_layout(t1, self.rank_out)
         if self.rank_in is None:
             return t1k.contiguous(), t1
@@ -180,7 +207,7 @@ class Tucker2Projector:
         if param.dtype == torch.float32 and param.is_contiguous():
             param.view(self.out_ch, self.in_ch * self.k).addmm_(p_out, x, alpha=alpha)
         else:
-            param.add_((p_out @ x).view(self.shape).to(param.dtype), alpha=alpha)
+            param.add_((p_out @ x).view(param.shape).to(param.dtype), alpha=alpha)
 
     # -- refreshes ---------------------------------------------------------------------------
     def refresh(
@@ -210,25 +237,28 @@ class Tucker2Projector:
                 ctx.T,
                 self._restore_in(moment, state).T,
                 self.rank_out,
+                self.split,
             )
         ]
         if self.rank_in is not None:
             h_in = self._in_unfolding_t(grad)
             m_in = (state["proj_out"] @ moment.reshape(self.rank_out, -1)).view(self.out_ch * self.k, self.rank_in)
-            problems.append(("proj_in", h_in, h_in @ state["proj_in"], m_in, self.rank_in))
+            problems.append(("proj_in", h_in, h_in @ state["proj_in"], m_in, self.rank_in, self.split_in))
         new: dict[str, torch.Tensor] = {}
         cosines = []
-        for key, h, a, m, rank in problems:
+        for key, h, a, m, rank, split in problems:
             if kind == "correlation":
-                new[key], res = correlation_step(h, state[key], a, m, loss=correlation_loss)
+                new[key], res = correlation_step(h, state[key], a, m, loss=correlation_loss, split=split)
                 cosines.append(res.cos)
             else:
-                new[key] = recalibrate(state[key], h, a, rank, alignment, fallbacks)
+                new[key] = recalibrate(state[key], h, a, rank, alignment, fallbacks, split)
         return new, torch.stack(cosines).mean() if cosines else None
 
     def rotate(self, core: torch.Tensor, state: dict, new: dict[str, torch.Tensor], squared: bool) -> torch.Tensor:
         """Carry a core-shaped moment into the new bases (``restore_state``)."""
         t_out = state["proj_out"].T @ new["proj_out"]
+        if self.split is not None:
+            (t_out,) = self.split.sum(t_out)
         t_out = t_out * t_out if squared else t_out
         core = (t_out.T @ core.reshape(self.rank_out, -1)).view(self.moment_shape)
         if self.rank_in is not None:

@@ -1,0 +1,101 @@
+"""Parameters that FSDP2 (``torch.distributed.fsdp.fully_shard``) has sharded: DTensors split on
+their first dimension over a 1-D device mesh.
+
+The optimizers do all their math on each rank's local shard (:meth:`torch.distributed.tensor.DTensor.to_local`)
+and reduce only small matrices across the shard group (see
+:class:`~coap_plugins.projection.linalg.Split`).  In ``optimizer.state`` a tensor with the
+weight's first dimension (the moments of a tall weight or of a full-rank parameter, the projector
+of a wide weight, Tucker-2's output-mode projector) is a DTensor with the parameter's placement,
+so ``torch.distributed.checkpoint`` saves and reshards it; every other tensor is replicated (each
+rank holds the same values) and kept as a plain tensor, which the distributed checkpoint saves once.
+During a step the optimizer works on a *local view* of each state dict (:func:`local_view`) and
+writes the DTensors back at the end (:func:`write_back`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..projection.linalg import Split
+
+__all__ = ["check_placement", "is_dtensor", "local_view", "param_split", "write_back"]
+
+
+def _dtensor_types():
+    try:
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return None, None
+    return DTensor, Shard
+
+
+def is_dtensor(t: Any) -> bool:
+    dtensor, _ = _dtensor_types()
+    return dtensor is not None and isinstance(t, dtensor)
+
+
+def check_placement(p: torch.Tensor, owner: str) -> None:
+    """Refuse a DTensor parameter that is not split on its first dimension over a 1-D mesh."""
+    if not is_dtensor(p):
+        return
+    _, shard = _dtensor_types()
+    mesh, placements = p.device_mesh, tuple(p.placements)
+    if mesh.ndim != 1 or placements != (shard(0),):
+        raise ValueError(
+            f"{owner} supports DTensor parameters sharded on their first dimension over a 1-D device mesh "
+            f"(FSDP2's fully_shard: placements (Shard(dim=0),)); got placements {placements} on a "
+            f"{mesh.ndim}-D mesh for the parameter of shape {tuple(p.shape)}"
+        )
+
+
+def param_split(p: torch.Tensor) -> Split | None:
+    """How ``p``'s first dimension is split across its mesh, or ``None`` for a plain tensor."""
+    if not is_dtensor(p):
+        return None
+    mesh = p.device_mesh
+    world, total = mesh.size(), int(p.shape[0])
+    split = Split("rows", mesh.get_group(), world, mesh.get_local_rank(), total, -(-total // world))
+    local = p.to_local().shape[0]
+    if local != split.local:  # FSDP2 and DTensor split as torch.chunk does; anything else is not ours
+        raise ValueError(
+            f"DTensor parameter of shape {tuple(p.shape)} holds {local} rows on rank {split.rank}, "
+            f"expected {split.local} (torch.chunk's split over {world} ranks)"
+        )
+    return split
+
+
+def local_view(state: dict, sharded: frozenset[str], split: Split) -> dict:
+    """The state of a sharded parameter as this rank's tensors: the local shard of every DTensor
+    that should be sharded, the whole tensor of every other one (a state loaded from a
+    checkpoint of another layout is brought to this one here)."""
+    out = {}
+    for key, value in state.items():
+        if is_dtensor(value):
+            value = value._local_tensor if key in sharded else value.full_tensor()
+        elif isinstance(value, torch.Tensor) and key in sharded and value.dim() and value.shape[0] != split.local:
+            value = split.mine(value).clone()  # a whole tensor (e.g. a full state dict) into a sharded run
+        out[key] = value
+    return out
+
+
+def write_back(
+    state: dict, local: dict, sharded: frozenset[str], shapes: dict[str, tuple[int, ...]], p: torch.Tensor
+) -> None:
+    """Put a step's local view back into ``state``: sharded keys as DTensors with ``p``'s mesh
+    and placement and their global ``shapes``, the rest as they are."""
+    dtensor, shard = _dtensor_types()
+    for key, value in local.items():
+        if not (isinstance(value, torch.Tensor) and key in sharded):
+            state[key] = value
+            continue
+        current = state.get(key)
+        if is_dtensor(current) and current._local_tensor is value:
+            continue
+        shape = shapes[key]
+        stride = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
+        state[key] = dtensor.from_local(
+            value, p.device_mesh, (shard(0),), run_check=False, shape=torch.Size(shape), stride=stride
+        )
