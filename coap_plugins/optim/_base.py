@@ -628,7 +628,9 @@ class CoapOptimizer(Optimizer):
             if group["restore_state"]:
                 self._rotate_moments(m.state, m.proj, new, ok)
             for key, t in new.items():
-                m.state[key] = torch.where(ok, t, m.state[key])
+                # contiguous, as a checkpoint loads it (LAPACK leaves column-major results, and the
+                # products' rounding follows the layout: a resumed run would drift in the last bit)
+                m.state[key] = torch.where(ok, t, m.state[key]).contiguous()
             oks.append(ok)
         batch.project(self._stacks)
         for m, core, ok, (finite, usable, total, _, cos) in zip(batch.members, batch.cores, oks, pending):

@@ -12,6 +12,7 @@ from .linalg import (
     DEFAULT_CORRELATION_LOSS,
     Split,
     SvdFallbacks,
+    _low_cost_svd_householder,
     correlation_step,
     random_orthonormal,
     recalibrate,
@@ -40,7 +41,7 @@ def setup_sketch(
     a = h @ p
     if cols:
         (a,) = split.sum(a)
-    return recalibrate(None, h, a, rank, fallbacks=fallbacks, split=split)
+    return _low_cost_svd_householder(h, a, rank, split)[0]
 
 
 class MatrixProjector:
