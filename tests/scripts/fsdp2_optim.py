@@ -127,7 +127,8 @@ def give_twin(model, opt, twin_model, twin):
             tp.copy_(before[k])
         tp.grad = whole(p.grad).clone()
         grads[k] = tp.grad.clone()
-        twin.state[tp] = {key: whole(v).clone() if isinstance(v, torch.Tensor) else v for key, v in opt.state[p].items()}
+        state = opt.state[p].items()
+        twin.state[tp] = {key: whole(v).clone() if isinstance(v, torch.Tensor) else v for key, v in state}
         if not twin.state[tp]:
             del twin.state[tp]
     return before, grads
