@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from coap_plugins import CoapAdafactor, CoapAdamW, CoapAdamW8bit  # noqa: E402
 
 OPTIMIZERS = {"CoapAdamW": CoapAdamW, "CoapAdafactor": CoapAdafactor, "CoapAdamW8bit": CoapAdamW8bit}
+COAP = tuple(OPTIMIZERS)
 GLOBAL_BATCH = 256  # above every rank r: a gradient of lower rank leaves part of a new basis arbitrary
 
 
@@ -200,7 +201,7 @@ def main() -> None:
             at_load = whole_state(model, opt)
         per_rank = GLOBAL_BATCH // world
         twin_model = twin = None
-        if args.twin:
+        if args.twin and name in COAP:
             twin_model = Net()
             twin = make_optimizer(name, twin_model)
         steps = []
