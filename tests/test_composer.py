@@ -185,7 +185,7 @@ def test_sgd_without_optimizer_is_refused(digits):
 
 
 def test_fsdp_is_refused(digits):
-    with pytest.raises(ValueError, match="does not support FSDP.*parallelism_config\\['fsdp'\\]"):
+    with pytest.raises(ValueError, match=r"supports FSDP2, not FSDP1 \(got FSDPConfig.*FSDP2Config"):
         make_trainer(digits, parallelism_config={"fsdp": {}})
 
 
@@ -541,6 +541,48 @@ def test_ddp_two_cpu_processes_keep_parameters_and_projectors_identical(tmp_path
     # DDP wraps the model: "module.module.features.0.weight" is "module.features.0.weight" here
     moved = [k for k, v in r0["params"].items() if not torch.equal(v, start[k.removeprefix("module.")])]
     assert len(moved) == len(r0["params"]) == len(start)  # every parameter trained
+
+
+def _launch_two(script: str, *args: str) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NODE_RANK": "0"}
+    path = Path(__file__).parent / "scripts" / script
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(path), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("state_dict_type", ["sharded", "full"])
+def test_fsdp2_two_cpu_processes_train_checkpoint_and_resume_bit_exactly(tmp_path, state_dict_type):
+    """CoapAlgorithm under parallelism_config={"fsdp": FSDP2Config(...)}: the optimizer Composer
+    re-binds to the sharded parameters keeps DTensor state, refreshes on schedule, and a run
+    resumed from the batch-4 checkpoint (Composer's sharded or full type) ends bit for bit where
+    the uninterrupted one does, on both ranks."""
+    (tmp_path / "full").mkdir()
+    (tmp_path / "resumed").mkdir()
+    ckpt = tmp_path / "ckpt"
+    _launch_two("fsdp2_composer.py", str(tmp_path / "full"), "--save", str(ckpt), "--state-dict-type", state_dict_type)
+    load = ckpt / ("ep0-ba4" if state_dict_type == "sharded" else "ep0-ba4-rank0.pt")
+    _launch_two(
+        "fsdp2_composer.py", str(tmp_path / "resumed"), "--load", str(load), "--state-dict-type", state_dict_type
+    )
+    full = [torch.load(tmp_path / "full" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    resumed = [torch.load(tmp_path / "resumed" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert [tuple(r) for r in full[0]["refreshes"]] == [(2, "correlation"), (4, "svd"), (6, "correlation"), (8, "svd")]
+    assert [tuple(r) for r in resumed[0]["refreshes"]] == [(6, "correlation"), (8, "svd")]
+    assert full[0]["state_types"] == ["DTensor", "Tensor"] and len(full[0]["projectors"]) >= 4
+    start = dict(make_model(0).named_parameters())
+    for run in (full[1], *resumed):
+        for k, v in full[0]["params"].items():
+            assert torch.equal(run["params"][k], v), k
+        for k, v in full[0]["projectors"].items():
+            assert torch.equal(run["projectors"][k], v), k
+    assert all(not torch.equal(v, start[k]) for k, v in full[0]["params"].items())  # every parameter trained
 
 
 def test_adam_and_adafactor_translate(digits):

@@ -132,7 +132,12 @@ class CoapAlgorithm(DrivenAdapter, Algorithm):
     which starts the COAP state from scratch and logs ``coap/fresh_start``; so does resuming a
     checkpoint that holds no state of the COAP optimizer (one written with ``SAM``: Composer
     saves the ``SAMOptimizer`` wrapper, whose state does not include the optimizer it wraps).
-    FSDP is refused.
+
+    FSDP2 (``parallelism_config={"fsdp": FSDP2Config(...)}``) is supported: Composer shards the
+    model after ``Event.INIT`` and re-binds the COAP optimizer to the sharded (DTensor)
+    parameters, whose steps then run on each rank's shard (see :mod:`coap_plugins.optim._sharded`);
+    both of its checkpoint types (``state_dict_type="sharded"`` and ``"full"``) carry the COAP
+    state.  FSDP1 (flat parameters) and tensor parallelism are refused.
 
     Args:
         optimizer: ``"auto"`` (translate the user's optimizer) or a COAP optimizer name to use
@@ -247,10 +252,17 @@ class CoapAlgorithm(DrivenAdapter, Algorithm):
                 )
 
     def _check_parallelism(self, state: State) -> None:
-        if getattr(state, "fsdp_config", None) is not None or getattr(state, "fsdp_enabled", False):
+        fsdp = getattr(state, "fsdp_config", None)
+        if fsdp is not None and type(fsdp).__name__ != "FSDP2Config":
             raise ValueError(
-                "CoapAlgorithm does not support FSDP yet (its projectors need whole, unsharded gradients): "
-                "remove parallelism_config['fsdp'] (use DDP) or remove CoapAlgorithm"
+                f"CoapAlgorithm supports FSDP2, not FSDP1 (got {type(fsdp).__name__}: its flat parameters hide the "
+                "weights' shapes the projectors need): pass parallelism_config={'fsdp': FSDP2Config(...)} "
+                "(from composer.utils.parallelism), use DDP, or remove CoapAlgorithm"
+            )
+        if fsdp is not None and len(state.optimizers) > 1:
+            raise ValueError(
+                f"CoapAlgorithm under FSDP2 needs a single optimizer (got {len(state.optimizers)}): Composer "
+                "re-binds only the first one to the sharded parameters"
             )
         if getattr(state, "tp_config", None) is not None:
             raise ValueError("CoapAlgorithm does not support tensor parallelism: remove parallelism_config['tp']")
