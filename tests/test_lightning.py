@@ -205,15 +205,15 @@ def test_unsupported_optimizer_is_refused(digits, tmp_path):
         make_trainer(tmp_path).fit(model, loader(digits))
 
 
-@pytest.mark.parametrize("strategy", ["FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"])
+@pytest.mark.parametrize("strategy", ["FSDPStrategy", "DeepSpeedStrategy"])
 def test_sharded_strategies_are_refused(strategy):
-    # None of them can be built on a CPU-only machine (FSDP and ModelParallel want CUDA, DeepSpeed its
-    # package), so the strategy is an uninitialised instance of the real class.
+    # Neither can be built on a CPU-only machine (FSDP wants CUDA, DeepSpeed its package), so the
+    # strategy is an uninitialised instance of the real class.
     cls = getattr(pl.strategies, strategy)
     cb = CoapCallback()
     fake = SimpleNamespace(callbacks=[cb], strategy=cls.__new__(cls))
     model = make_model()
-    with pytest.raises(MisconfigurationException, match=rf"does not support {strategy}.*strategy='ddp'"):
+    with pytest.raises(MisconfigurationException, match=rf"does not support {strategy}.*ModelParallelStrategy.*'ddp'"):
         cb.setup(fake, model, "fit")
     assert "configure_optimizers" not in model.__dict__
 
@@ -642,3 +642,36 @@ def test_lightning_cli_yaml_recipe(tmp_path):
     # LightningCLI sets configure_optimizers on the instance: the callback put that one back
     assert getattr(cli.model.__dict__.get("configure_optimizers"), "_coap_callback", None) is None
     assert "configure_optimizers" in cli.model.__dict__
+
+
+@pytest.mark.slow
+def test_fsdp2_model_parallel_strategy_trains_checkpoints_and_resumes_bit_exactly(tmp_path):
+    """ModelParallelStrategy with fully_shard in configure_model, on 2 gloo processes: the COAP
+    optimizer built over the sharded parameters keeps DTensor state, refreshes on schedule, and
+    fit(ckpt_path=...) from the step-4 distributed checkpoint (restored after setup, so after
+    on_fit_start) continues the schedule and ends bit for bit where the uninterrupted run does."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "scripts" / "fsdp2_lightning.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    head = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    for args in (
+        [str(tmp_path / "full"), "--save", str(tmp_path / "ckpt")],
+        [str(tmp_path / "resumed"), "--load", str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt")],
+    ):
+        Path(args[0]).mkdir()
+        proc = subprocess.run([*head, *args], capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    full = [torch.load(tmp_path / "full" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    resumed = [torch.load(tmp_path / "resumed" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert [tuple(r) for r in full[0]["refreshes"]] == [(2, "correlation"), (4, "svd"), (6, "correlation"), (8, "svd")]
+    assert [tuple(r) for r in resumed[0]["refreshes"]] == [(6, "correlation"), (8, "svd")]
+    assert full[0]["state_types"] == ["DTensor", "Tensor"] and len(full[0]["projectors"]) >= 4
+    for run in (full[1], *resumed):
+        for k, v in full[0]["params"].items():
+            assert torch.equal(run["params"][k], v), k
+        for k, v in full[0]["projectors"].items():
+            assert torch.equal(run["projectors"][k], v), k

@@ -31,8 +31,10 @@ __all__ = ["CoapCallback"]
 
 log = logging.getLogger(__name__)
 
-# strategies that shard parameters or gradients: the projectors need whole, unsharded gradients
-_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+# strategies that shard parameters or gradients in their own formats (FSDP1's flat parameters,
+# DeepSpeed's partitions): the projectors need the weights' shapes.  ModelParallelStrategy with
+# FSDP2's ``fully_shard`` (DTensor parameters) is the supported sharded path.
+_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy")
 _MISSING = object()
 
 
@@ -72,9 +74,15 @@ class CoapCallback(DrivenAdapter, Callback):
     this callback's state, under a ``state_key`` made of ``optimizer``, ``eight_bit``,
     ``update_interval`` and ``reproject_factor``: resuming with ``ckpt_path`` continues bit for
     bit.  Resuming needs the callback again with those four settings unchanged (a checkpoint
-    written with other ones, or without CoapCallback, is refused with what differs).  FSDP,
-    DeepSpeed and ModelParallel strategies are refused; one CoapCallback per Trainer (Lightning
-    itself refuses two with equal settings, as their state keys collide).
+    written with other ones, or without CoapCallback, is refused with what differs).  One
+    CoapCallback per Trainer (Lightning itself refuses two with equal settings, as their state
+    keys collide).
+
+    Sharded training: ``ModelParallelStrategy`` with FSDP2's ``fully_shard`` applied in
+    ``configure_model`` (over ``self.device_mesh["data_parallel"]``, a 1-D mesh): the optimizer is
+    built over the sharded (DTensor) parameters, each rank steps its shard, and distributed
+    checkpoints carry the COAP state.  ``FSDPStrategy`` (FSDP1) and ``DeepSpeedStrategy`` are
+    refused.
 
     Args:
         optimizer: ``"auto"`` (translate the user's optimizer) or a COAP optimizer name to use
@@ -181,9 +189,10 @@ class CoapCallback(DrivenAdapter, Callback):
         sharded = [c.__name__ for c in strategy.__mro__ if c.__name__ in _SHARDED_STRATEGIES]
         if sharded:
             raise MisconfigurationException(
-                f"CoapCallback does not support {sharded[0]} (strategy {strategy.__name__}): its projectors need "
-                "whole, "
-                "unsharded gradients. Use strategy='ddp' (or a single device), or remove CoapCallback"
+                f"CoapCallback does not support {sharded[0]} (strategy {strategy.__name__}): its sharded parameters "
+                "hide the weights' shapes the projectors need. Shard with FSDP2 instead: "
+                "strategy=ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) and fully_shard in "
+                "configure_model; or use strategy='ddp' (or a single device), or remove CoapCallback"
             )
         current = pl_module.configure_optimizers
         owner = getattr(current, "_coap_callback", None)
@@ -278,24 +287,33 @@ class CoapCallback(DrivenAdapter, Callback):
         return out
 
     # -- checks once everything is built ------------------------------------------------------
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _settle_checkpoint(self, trainer: pl.Trainer, final: bool) -> None:
+        """Check a loaded callback state and take its schedule position; ``final``: the
+        checkpoint (if any) has been restored by now, so a resumed fit without one is refused."""
         mine = [type(new).__name__ for _, new in self._replaced]
         if self.driver.loaded is not None:
             try:
                 self.driver.check_compatible()
             except ValueError as e:
                 raise MisconfigurationException(str(e)) from e
-        elif trainer.ckpt_path is not None:  # a checkpoint with no callback states at all
+            self._resumed = True
+        elif final and trainer.ckpt_path is not None and not self._resumed:  # no callback states at all
             raise MisconfigurationException(
                 f"The checkpoint {trainer.ckpt_path} has no CoapCallback state (written without CoapCallback, or "
                 f"weights only): its optimizer state does not belong to {', '.join(mine)}. Resume without "
                 "CoapCallback, or load only the weights (LightningModule.load_from_checkpoint) and start a new fit"
             )
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # strategies that restore after setup (ModelParallelStrategy) do it after this hook
+        self._resumed = False
+        self._settle_checkpoint(trainer, final=not trainer.strategy.restore_checkpoint_after_setup)
         self._log_routing(trainer)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._settle_checkpoint(trainer, final=True)
         # Lightning restores the optimizer state after on_fit_start: check it arrived
         if any(self.driver.positions) and not any(new.state for _, new in self._replaced):
             wrappers = [
