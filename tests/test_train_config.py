@@ -190,3 +190,18 @@ def test_rank_ratio_cnn_is_an_alias_of_rank_ratio_conv(tmp_path):
     from coap_plugins.train.common import coap_kwargs
 
     assert coap_kwargs(cfg.coap)["rank_ratio_conv"] == 4.0 and "rank_ratio_cnn" not in coap_kwargs(cfg.coap)
+
+
+def test_parallelism_choices_and_what_fsdp2_does_not_combine_with_yet():
+    recipe = YAMLS / "composer" / "resnet18_digits.yaml"
+    assert load_config(recipe, ["parallelism=fsdp2"]).parallelism == "fsdp2"
+    assert load_config(recipe).parallelism == "ddp"
+    with pytest.raises(ConfigError, match=r"Invalid parallelism: 'fsdp' \(expected one of ddp, fsdp2\); did you mean"):
+        load_config(recipe, ["parallelism=fsdp"])
+    for override, key in (
+        ("ema.decay=0.9", "ema"),
+        ("clip_grad_norm=1.0", "clip_grad_norm"),
+        ("compile=true", "compile"),
+    ):
+        with pytest.raises(ConfigError, match=rf"Invalid {key} with parallelism: fsdp2 \(not supported together yet\)"):
+            load_config(recipe, ["parallelism=fsdp2", override])

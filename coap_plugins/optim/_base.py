@@ -74,6 +74,11 @@ RESIDUALS = ("none", "scaled")
 _RESIDUAL_FLOOR = 0.1
 
 
+def _here(p: torch.Tensor) -> torch.Tensor:
+    """What this process holds of ``p``: its local shard when FSDP2 has sharded it."""
+    return p._local_tensor if is_dtensor(p) else p
+
+
 def param_seed(base: int, shape: tuple[int, ...], name: str | None, index: int) -> int:
     """Seed of a parameter's random start, from what belongs to the parameter itself.
 
@@ -891,8 +896,9 @@ class CoapOptimizer(Optimizer):
         return total
 
     def full_rank_state_bytes(self) -> int:
-        """Bytes of moments the full-rank counterpart (torch AdamW / Adafactor) would hold."""
-        return sum(self._full_rank_equivalent_bytes(p, g) for g in self.param_groups for p in g["params"])
+        """Bytes of moments the full-rank counterpart (torch AdamW / Adafactor) would hold (on this
+        rank, under FSDP2: its moments would be sharded like the parameters)."""
+        return sum(self._full_rank_equivalent_bytes(_here(p), g) for g in self.param_groups for p in g["params"])
 
     def _waiting(self, p: torch.Tensor) -> bool:
         state = self.state.get(p)
@@ -944,7 +950,12 @@ class CoapOptimizer(Optimizer):
         return out
 
     def coap_report(self) -> dict[str, Any]:
-        """Totals and per-parameter telemetry (reads device scalars: call it when you log)."""
+        """Totals and per-parameter telemetry (reads device scalars: call it when you log).
+
+        Bytes are this process's: under FSDP2 ``state_bytes`` counts the local shards of the
+        sharded tensors plus the replicated ones, which ``replicated_state_bytes`` counts alone
+        (every rank holds them whole: see :mod:`coap_plugins.optim._sharded` for which they are),
+        and ``full_rank_bytes`` what the full-rank optimizer would hold on this rank."""
         layers = []
         for row in self.routing():
             p = self.param_groups[row["group"]]["params"][row["index"]]
@@ -955,7 +966,8 @@ class CoapOptimizer(Optimizer):
                 "projector": row["projector"].kind if row["projector"] is not None else "none",
                 "reason": row["reason"],
                 "state_bytes": self.state_bytes(p),
-                "full_rank_bytes": self._full_rank_equivalent_bytes(p, self.param_groups[row["group"]]),
+                "full_rank_bytes": self._full_rank_equivalent_bytes(_here(p), self.param_groups[row["group"]]),
+                "replicated_state_bytes": self.state_bytes(p, replicated=True) if is_dtensor(p) else 0,
                 "waiting": row["projector"] is not None and self._waiting(p),
             }
             if "refresh" in tel:
@@ -969,6 +981,7 @@ class CoapOptimizer(Optimizer):
         full = sum(e["full_rank_bytes"] for e in layers)
         return {
             "state_bytes": total,
+            "replicated_state_bytes": sum(e["replicated_state_bytes"] for e in layers),
             "full_rank_bytes": full,
             "state_ratio": total / full if full else math.nan,
             "waiting": [e["name"] for e in layers if e["waiting"]],

@@ -37,6 +37,7 @@ try:
     from composer.loggers import Logger, LoggerDestination
     from composer.models import ComposerModel
     from composer.utils import dist
+    from torchmetrics import MetricCollection
 
     from ..algorithms.composer import CoapAlgorithm
 except ImportError as e:  # pragma: no cover - exercised only without composer
@@ -53,7 +54,13 @@ class CoapTaskModel(ComposerModel):
     def __init__(self, task: TaskModule) -> None:
         super().__init__()
         self.task = task
-        self.metrics = torch.nn.ModuleDict(eval_metrics(task.task))
+        # a MetricCollection (not a ModuleDict): Composer's FSDP2 wrap policy leaves metrics unsharded
+        self.metrics = MetricCollection(eval_metrics(task.task), compute_groups=False)
+        # under FSDP2 the network and each of its children with parameters are sharding units:
+        # evaluation calls the network directly (not through the task's forward), and each
+        # unit's parameters are gathered only while it runs (Composer's wrap policy asks this)
+        units = {task.net, *(m for m in task.net.children() if any(p.requires_grad for p in m.parameters()))}
+        task.fsdp_wrap_fn = lambda module: module in units
 
     def forward(self, batch: Any) -> torch.Tensor:
         return self.task(batch)
@@ -264,6 +271,15 @@ def _use_average_weights(state: State) -> None:
             algorithm.get_ema_model(state.model)
 
 
+def _parallelism(cfg: TrainConfig) -> dict[str, Any] | None:
+    """FSDP2 with whole state dicts in the checkpoints (rank 0 writes one file, as under DDP)."""
+    if cfg.parallelism != "fsdp2":
+        return None
+    from composer.utils.parallelism import FSDP2Config
+
+    return {"fsdp": FSDP2Config(state_dict_type="full")}
+
+
 def run_composer(
     cfg: TrainConfig, data: DataBundle, task: TaskModule, *, stop_after_batches: int | None = None
 ) -> dict[str, Any] | None:
@@ -302,6 +318,7 @@ def run_composer(
         loggers=_loggers(cfg),
         device_train_microbatch_size=cfg.data.batch_size // cfg.accumulate if cfg.accumulate > 1 else None,
         compile_config=dict(cfg.compile_options) if cfg.compile else None,
+        parallelism_config=_parallelism(cfg),
         precision=_PRECISION[cfg.precision],
         device=accelerator,
         seed=cfg.seed,

@@ -296,6 +296,12 @@ class TrainConfig:
     ``compile_options`` (``torch.compile`` keywords: ``backend``, ``mode``, ``dynamic``,
     ``fullgraph``, ``options``).  ``num_nodes`` x ``devices`` processes train under DDP; see
     :class:`RendezvousConfig`.
+
+    ``parallelism``: ``ddp`` (default: every process holds the whole model) or ``fsdp2``
+    (PyTorch's ``fully_shard``: parameters, gradients and the COAP state are sharded across the
+    processes; Composer's ``FSDP2Config``, Lightning's ``ModelParallelStrategy``; checkpoints
+    are whole state dicts written by rank 0, so ``resume`` works as with DDP).  ``fsdp2`` does
+    not combine with ``ema``, ``clip_grad_norm`` or ``compile`` yet.
     """
 
     trainer: str = "composer"
@@ -313,6 +319,7 @@ class TrainConfig:
     precision: str = "fp32"
     devices: int = 1
     num_nodes: int = 1
+    parallelism: str = "ddp"
     rendezvous: RendezvousConfig = field(default_factory=RendezvousConfig)
     accelerator: str = "auto"
     accumulate: int = 1
@@ -337,6 +344,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "schedule.name": ("constant", "cosine", "linear"),
     "precision": ("fp32", "bf16", "fp16"),
     "accelerator": ("auto", "cpu", "gpu"),
+    "parallelism": ("ddp", "fsdp2"),
 }
 _DURATION = re.compile(r"^\s*(\d+)\s*(ba|ep)\s*$")
 # accepted keys left out of the "did you mean" hints (they would shadow the names they stand for)
@@ -524,6 +532,17 @@ def _validate_training_knobs(cfg: TrainConfig) -> None:
         )
     if cfg.clip_grad_norm is not None and not cfg.clip_grad_norm > 0:
         raise ConfigError(f"Invalid clip_grad_norm: {cfg.clip_grad_norm!r} (must be > 0, or null for no clipping)")
+    if cfg.parallelism == "fsdp2":
+        for key, on in (
+            ("ema", cfg.ema is not None),
+            ("clip_grad_norm", cfg.clip_grad_norm is not None),
+            ("compile", cfg.compile),
+        ):
+            if on:
+                raise ConfigError(
+                    f"Invalid {key} with parallelism: fsdp2 (not supported together yet): remove {key}, or use "
+                    "parallelism: ddp"
+                )
     if cfg.ema is not None:
         if not 0 < cfg.ema.decay < 1:
             raise ConfigError(f"Invalid ema.decay: {cfg.ema.decay!r} (must be in (0, 1))")

@@ -54,6 +54,20 @@ class CoapTaskModule(pl.LightningModule):
         self.log_run: RunLog | None = None
         self._eval_start = 0.0
 
+    def configure_model(self) -> None:
+        """Under ``parallelism: fsdp2``: every child of the network with parameters, then the
+        whole module, sharded with ``fully_shard`` over the data-parallel mesh."""
+        if self.cfg.parallelism != "fsdp2" or getattr(self, "_sharded", False):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for module in self.task.net.children():
+            if any(p.requires_grad for p in module.parameters()):
+                fully_shard(module, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+        self._sharded = True
+
     def forward(self, batch: Any) -> torch.Tensor:
         return self.task(batch)
 
@@ -283,6 +297,18 @@ def _checkpoint_callback(cfg: TrainConfig, folder: Path) -> ModelCheckpoint:
     )
 
 
+def _strategy(cfg: TrainConfig) -> Any:
+    world = cfg.devices * cfg.num_nodes
+    if cfg.parallelism == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        # whole state dicts in one file (rank 0), as under DDP, so `resume` finds them alike
+        return ModelParallelStrategy(
+            data_parallel_size=world, tensor_parallel_size=1, save_distributed_checkpoint=False
+        )
+    return "ddp" if world > 1 else "auto"
+
+
 def run_lightning(
     cfg: TrainConfig, data: DataBundle, task: TaskModule, *, stop_after_batches: int | None = None
 ) -> dict[str, Any] | None:
@@ -311,7 +337,7 @@ def run_lightning(
         accelerator=accelerator,
         devices=cfg.devices,
         num_nodes=cfg.num_nodes,
-        strategy="ddp" if cfg.devices * cfg.num_nodes > 1 else "auto",
+        strategy=_strategy(cfg),
         precision=_PRECISION[cfg.precision],
         callbacks=callbacks,
         logger=loggers or False,
