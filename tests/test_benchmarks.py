@@ -68,3 +68,18 @@ def test_step_cpu_time_prints_its_row():
     line = proc.stdout.strip().splitlines()[-1]
     assert line.startswith("now ms per ordinary step: 256x1024x1x1=")
     assert float(line.rsplit("=", 1)[1]) > 0
+
+
+@pytest.mark.slow
+def test_fsdp2_step_quick_prints_its_table(tmp_path):
+    out = tmp_path / "fsdp2.md"
+    proc = run_script("fsdp2_step.py", "--quick", "--out", str(out), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| mlp")]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0].split("|")[1:-1]]
+    assert cells[1] == "CoapAdamW"
+    sharded, replicated = (float(x) for x in cells[3].split(" + "))
+    assert sharded > 0 and replicated > 0 and 0 < float(cells[4]) < 1  # a rank holds less than the whole
+    ordinary, correlation, svd = (int(x) for x in cells[8].split(" / "))
+    assert 0 < ordinary < correlation and svd > 0  # the wide layers' projections are reduced every step
