@@ -53,7 +53,9 @@ def runs(tmp_path_factory):
 def test_sharded_step_is_the_unsharded_step(runs, name):
     """Every step against an unsharded twin given the same whole parameters, gradients and state.
 
-    Ordinary and correlation steps: the updates agree to 1e-5 relative.  Set-up and recalibration
+    Ordinary and correlation steps: the updates agree to 5e-5 relative (measured: CoapAdamW about
+    1e-6, CoapAdafactor up to 1e-5, whose RMS and factored statistics are sums over ranks; an
+    update is about 1e-3 of its weight, so the weights agree to 1e-7 after every step).  Set-up and recalibration
     steps: the gradient the new projectors capture agrees to 1e-5 in the median and 2e-2 at worst
     (a recalibration whose ``G P_prev`` is rank-deficient completes its basis with directions
     the gradient does not determine, differently for other rounding); their updates are not
@@ -65,7 +67,7 @@ def test_sharded_step_is_the_unsharded_step(runs, name):
     assert twin[1]["refreshes"] == ["correlation"] and twin[5]["refreshes"] == ["svd"]
     new_basis = {1, 6, 12, 18}
     steady = [t["update"] for step, t in enumerate(twin, start=1) if step not in new_basis]
-    assert len(steady) == 16 and max(steady) < 1e-5
+    assert len(steady) == 16 and max(steady) < 5e-5
     refreshed = [t["captured"] for step, t in enumerate(twin, start=1) if step in new_basis]
     assert statistics.median(refreshed) < 1e-5 and max(refreshed) < 2e-2
 

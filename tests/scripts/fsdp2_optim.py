@@ -174,6 +174,7 @@ def main() -> None:
     ap.add_argument("--load", default=None)
     ap.add_argument("--from-step", type=int, default=0)
     ap.add_argument("--twin", action="store_true")
+    ap.add_argument("--perturb", type=float, default=0.0, help="scale the start by 1 + this * N(0, 1) (sensitivity)")
     ap.add_argument("--snapshot", type=int, default=None, help="also keep the whole parameters after this step")
     ap.add_argument("--full", action="store_true", help="full state dicts (torch.save on rank 0), not sharded ones")
     args = ap.parse_args()
@@ -190,6 +191,11 @@ def main() -> None:
     for name in args.optimizers.split(","):
         torch.manual_seed(0)
         model = Net()
+        if args.perturb:
+            noise = torch.Generator().manual_seed(5)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(1 + args.perturb * torch.randn(p.shape, generator=noise))
         if sharded:
             for module in (model.conv1, model.conv2, model.conv3, model.fc1, model.fc2, model.fc3):
                 fully_shard(module, mesh=mesh)
