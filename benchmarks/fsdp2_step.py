@@ -12,9 +12,9 @@ input) and a linear-heavy MLP it prints, per optimizer:
   the Tucker-2 cores);
 * the median time of an ordinary, a correlation and a recalibration (SVD) step (the same
   gradients stepped again), unsharded and on each rank;
-* the bytes the step's own collectives move per rank (all-reduces and all-gathers of small
-  matrices), against the bytes one all-gather of every projected gradient would move (what an
-  implementation that rebuilt whole gradients would pay: O(m n) per layer).
+* the bytes each rank sends in the step's own collectives (all of small matrices; counted as a
+  ring algorithm sends them), against one all-gather of every projected gradient counted the
+  same way (what an implementation that rebuilt whole gradients would pay: O(m n) per layer).
 
 The forward/backward collectives of FSDP2 itself (parameter all-gathers, gradient
 reduce-scatters) are not counted: they are the same for every optimizer.
@@ -79,24 +79,31 @@ def shard(model: nn.Module, mesh) -> None:
 
 
 class CollectiveBytes:
-    """Counts the bytes this rank sends into all_reduce / all_gather while active."""
+    """Counts the bytes this rank sends in all_reduce / reduce_scatter_tensor / all_gather while
+    active, as a ring algorithm sends them."""
 
     def __init__(self) -> None:
         self.bytes = 0
         self.active = False
-        self._orig = (dist.all_reduce, dist.all_gather)
+        self._orig = (dist.all_reduce, dist.all_gather, dist.reduce_scatter_tensor)
 
-        def all_reduce(t, *a, **k):
-            if self.active:
-                self.bytes += t.numel() * t.element_size()
-            return self._orig[0](t, *a, **k)
+        world = dist.get_world_size()
 
-        def all_gather(parts, t, *a, **k):
-            if self.active:
-                self.bytes += t.numel() * t.element_size()
-            return self._orig[1](parts, t, *a, **k)
+        def counted(orig, position: int, keyword: str, share: float):
+            def wrapper(*a, **k):
+                if self.active:
+                    t = k[keyword] if keyword in k else a[position]
+                    self.bytes += int(t.numel() * t.element_size() * share)
+                return orig(*a, **k)
 
-        dist.all_reduce, dist.all_gather = all_reduce, all_gather
+            return wrapper
+
+        # what each rank sends in a ring: an all-reduce 2 (w - 1) / w of the tensor, a
+        # reduce-scatter (w - 1) / w of its input, an all-gather w - 1 times its own part
+        all_reduce = counted(self._orig[0], 0, "tensor", 2 * (world - 1) / world)
+        all_gather = counted(self._orig[1], 1, "tensor", world - 1)
+        reduce_scatter_tensor = counted(self._orig[2], 1, "input", (world - 1) / world)
+        dist.all_reduce, dist.all_gather, dist.reduce_scatter_tensor = all_reduce, all_gather, reduce_scatter_tensor
 
 
 def timed_step(opt, kind: str, counter: CollectiveBytes | None) -> tuple[float, int]:

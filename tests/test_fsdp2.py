@@ -5,7 +5,6 @@ resharding 2 <-> 1), refusals.  Two CPU processes with gloo (tests/scripts/fsdp2
 from __future__ import annotations
 
 import os
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,20 @@ COAP = ("CoapAdamW", "CoapAdafactor", "CoapAdamW8bit")
 def launch(out: Path, nproc: int | None, *args: str) -> None:
     """The script in one plain process (``nproc=None``) or under torch.distributed.run."""
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # a clean launch environment: in-process tests earlier in the session may leave rank variables
+    # behind, which would make the plain run think it is one rank of a group
+    stale = (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "NODE_RANK",
+        "GROUP_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    )
+    env = {k: v for k, v in os.environ.items() if k not in stale}
+    env["OMP_NUM_THREADS"] = "1"
     head = [sys.executable]
     if nproc is not None:
         head += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
@@ -55,12 +67,13 @@ def test_sharded_step_is_the_unsharded_step(runs, name):
 
     Ordinary and correlation steps: the updates agree to 5e-5 relative (measured: CoapAdamW about
     1e-6, CoapAdafactor up to 1e-5, whose RMS and factored statistics are sums over ranks; an
-    update is about 1e-3 of its weight, so the weights agree to 1e-7 after every step).  Set-up and recalibration
-    steps: the gradient the new projectors capture agrees to 1e-5 in the median and 2e-2 at worst
-    (a recalibration whose ``G P_prev`` is rank-deficient completes its basis with directions
-    the gradient does not determine, differently for other rounding); their updates are not
-    compared, since with ``basis_alignment="none"`` a new column's sign is the decomposition's
-    convention and the moments stay in the old coordinates (the paper's rule)."""
+    update is about 1e-3 of its weight, so the weights agree to 1e-7 after every step).  The
+    set-up: the gradient the first projectors capture (``G P P^T``, per mode for Tucker-2) agrees
+    to 1e-5.  Recalibrations: to 5e-2 (measured up to 1.1e-2): on this model every one has layers
+    whose ``G P_prev`` is rank-deficient (condition 1e8-1e10), and the Householder form completes
+    their bases with directions the gradient does not determine, differently for other rounding.
+    Their updates are not compared: with ``basis_alignment="none"`` a new column's sign is the
+    decomposition's convention, and the moments stay in the old coordinates (the paper's rule)."""
     twin = result(runs / "sharded", name)["twin"]
     assert len(twin) == 20
     # the schedule: a correlation update every 2 steps, every third of them a recalibration
@@ -68,8 +81,10 @@ def test_sharded_step_is_the_unsharded_step(runs, name):
     new_basis = {1, 6, 12, 18}
     steady = [t["update"] for step, t in enumerate(twin, start=1) if step not in new_basis]
     assert len(steady) == 16 and max(steady) < 5e-5
-    refreshed = [t["captured"] for step, t in enumerate(twin, start=1) if step in new_basis]
-    assert statistics.median(refreshed) < 1e-5 and max(refreshed) < 2e-2
+    assert twin[0]["captured"] < 1e-5 and twin[0]["fallbacks"] == 0
+    recalibrated = [twin[step - 1] for step in (6, 12, 18)]
+    assert all(t["fallbacks"] > 0 for t in recalibrated)  # the rank-deficient layers named above
+    assert max(t["captured"] for t in recalibrated) < 5e-2
 
 
 @pytest.mark.slow
@@ -137,10 +152,11 @@ def test_distributed_checkpoint_reshards_between_two_ranks_and_one(checkpoints, 
 def one_rank_group():
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29677")
-        dist.init_process_group("gloo", rank=0, world_size=1)
+    if dist.is_initialized():  # an earlier test's group: use it as it is
+        yield
+        return
+    # a store in this process: no rendezvous, no environment variables left behind
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
     yield
     dist.destroy_process_group()
 
@@ -160,7 +176,8 @@ def test_other_placements_are_refused_naming_the_supported_one(one_rank_group):
 
 def test_sharded_parameter_on_one_rank_steps_like_a_plain_one(one_rank_group):
     """A 1-rank FSDP2 model: the same numbers as the plain model, and its state as DTensors where
-    sharded (so distributed checkpoints reshard it) and plain tensors where replicated."""
+    sharded (so distributed checkpoints reshard it: every moment) and plain tensors where
+    replicated (the projector of a tall weight)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
@@ -186,5 +203,6 @@ def test_sharded_parameter_on_one_rank_steps_like_a_plain_one(one_rank_group):
         assert float((a - b.full_tensor()).norm() / a.norm()) < 1e-5, k
     state = opts[1].state[sharded[0].weight]  # 64 x 16, tall: moments sharded, projector replicated
     assert isinstance(state["exp_avg"], DTensor) and not isinstance(state["proj"], DTensor)
-    state = opts[1].state[sharded[2].weight]  # 8 x 64, wide: projector sharded, moments replicated
-    assert isinstance(state["proj"], DTensor) and not isinstance(state["exp_avg"], DTensor)
+    state = opts[1].state[sharded[2].weight]  # 8 x 64, wide: projector sharded (rows), moments sharded along n
+    assert isinstance(state["proj"], DTensor) and isinstance(state["exp_avg"], DTensor)
+    assert tuple(state["exp_avg"].shape) == (64, 4) and tuple(state["proj"].shape) == (8, 4)

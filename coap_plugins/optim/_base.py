@@ -114,7 +114,7 @@ class _Member:
     @property
     def core_split(self):
         """The split of this member's core rows (``None`` when every rank holds its whole core)."""
-        return self.split if self.split is not None and self.proj.moments_sharded else None
+        return self.proj.core_split if self.split is not None else None
 
 
 class _ShardPlan:
@@ -400,7 +400,7 @@ class CoapOptimizer(Optimizer):
                     continue
                 keys = self._storage.state_shapes(name, shape)
                 if name + "_absmax" in keys:
-                    self._check_block_split(p, name, shape, split)
+                    self._check_block_split(p, name, shape, split if local is None else local.core_split)
                 sharded.update(keys)
         plan = _ShardPlan(key, split, local, frozenset(sharded), shapes)
         self._shard_plans[p] = plan

@@ -3,11 +3,13 @@ their first dimension over a 1-D device mesh.
 
 The optimizers do all their math on each rank's local shard (:meth:`torch.distributed.tensor.DTensor.to_local`)
 and reduce only small matrices across the shard group (see
-:class:`~coap_plugins.projection.linalg.Split`).  In ``optimizer.state`` a tensor with the
-weight's first dimension (the moments of a tall weight or of a full-rank parameter, the projector
-of a wide weight, Tucker-2's output-mode projector) is a DTensor with the parameter's placement,
-so ``torch.distributed.checkpoint`` saves and reshards it; every other tensor is replicated (each
-rank holds the same values) and kept as a plain tensor, which the distributed checkpoint saves once.
+:class:`~coap_plugins.projection.linalg.Split`).  In ``optimizer.state`` the sharded tensors
+(every moment: along the weight's rows for tall weights and full-rank parameters, along n for
+wide weights, along r_O for Tucker-2 cores; the projector of a wide weight and Tucker-2's
+output-mode projector, along the weight's rows) are DTensors split on their first dimension
+(``Shard(0)``) over the parameter's mesh, so ``torch.distributed.checkpoint`` saves and reshards
+them; the others (a tall weight's projector, Tucker-2's input-mode projector) are replicated:
+each rank holds the same values, as a plain tensor, which the distributed checkpoint saves once.
 During a step the optimizer works on a *local view* of each state dict (:func:`local_view`) and
 writes the DTensors back at the end (:func:`write_back`).
 """

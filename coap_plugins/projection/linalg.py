@@ -103,6 +103,17 @@ class Split:
                 out[i] = part.view(tensors[i].shape)
         return out  # type: ignore[return-value]
 
+    def scatter_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of ``t`` (``(total, ...)``, a part of a sum) summed over the group:
+        a reduce-scatter, the first half of an all-reduce."""
+        import torch.distributed as dist
+
+        padded = t.new_zeros((self.chunk * self.world, *t.shape[1:]))
+        padded[: t.shape[0]] = t
+        out = t.new_empty((self.chunk, *t.shape[1:]))
+        dist.reduce_scatter_tensor(out, padded, group=self.group)
+        return out[: self.local]
+
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         """The whole ``(total, ...)`` tensor from every rank's ``(local, ...)`` rows."""
         import torch.distributed as dist

@@ -62,6 +62,8 @@ class MatrixProjector:
     # that are split with the weight
     split: Split | None = None
     sharded_keys: frozenset[str] = frozenset()
+    # how the core's (and the moments') rows are split across the ranks of a sharded layer
+    core_split: Split | None = None
 
     def __init__(self, shape: tuple[int, int] | torch.Size, rank: int) -> None:
         rows, cols = int(shape[0]), int(shape[1])
@@ -84,22 +86,33 @@ class MatrixProjector:
         rank holds the same), the moments (m x r) are sharded with the weight, and an ordinary
         step needs no collective.  A wide weight (m < n) is projected along its rows, the split
         dimension: ``P`` (m x r) is sharded with the weight, and the projection ``G^T P`` (n x r)
-        is a sum over ranks (one all-reduce of n x r per step), after which the moments (n x r)
-        are replicated.  Sizes (``moment_shape``, ``state_shapes``) become the local ones."""
+        is a sum over ranks, reduce-scattered so that each rank keeps n/world of its rows: the
+        moments (n x r) are sharded along n, and the update is all-gathered (n x r) before the
+        back-projection (together the bytes of one all-reduce per step).  A refresh gathers the
+        projection and the first moment it reads.  Sizes (``moment_shape``, ``state_shapes``)
+        become the local ones."""
         local = copy.copy(self)
         axis = "cols" if self.transposed else "rows"
         local.split = Split(axis, rows.group, rows.world, rows.rank, rows.total, rows.chunk)
         if self.transposed:
+            n = self.long
+            local.core_split = Split("rows", rows.group, rows.world, rows.rank, n, -(-n // rows.world))
             local.short = local.split.local
+            local.long = local.core_split.local
             local.sharded_keys = frozenset({"proj"})
         else:
+            local.core_split = local.split
             local.long = local.split.local
         return local
 
     @property
     def moments_sharded(self) -> bool:
-        """Whether the moments have the local rows of a sharded layer (else they are replicated)."""
-        return self.split is not None and self.split.axis == "rows"
+        """Whether the moments have the local rows of a sharded layer (always, for a sharded one)."""
+        return self.split is not None
+
+    @property
+    def _wide_split(self) -> bool:
+        return self.split is not None and self.split.axis == "cols"
 
     # -- sizes -------------------------------------------------------------------------------
     @property
@@ -135,8 +148,8 @@ class MatrixProjector:
 
     def project(self, state: dict, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         core = self.tall(grad) @ state["proj"]
-        if self.split is not None and self.split.axis == "cols":
-            (core,) = self.split.sum(core)
+        if self._wide_split:  # a sum over ranks, of which each keeps its rows
+            core = self.core_split.scatter_sum(core)
         return core, None
 
     # -- batches of same-shaped layers -------------------------------------------------------
@@ -159,6 +172,8 @@ class MatrixProjector:
     def apply_update(self, param: torch.Tensor, update: torch.Tensor, state: dict, alpha: float) -> None:
         """``param += alpha * update P^T`` (in the weight's orientation)."""
         p = state["proj"]
+        if self._wide_split:  # every rank's rows of the update, for its rows of the weight
+            update = self.core_split.gather(update)
         if param.dtype == torch.float32 and param.is_contiguous():
             if self.transposed:
                 param.addmm_(p, update.T, alpha=alpha)
@@ -192,6 +207,8 @@ class MatrixProjector:
         correlation update computes on its way, ``None`` for a recalibration.
         """
         h = self.tall(grad)
+        if self._wide_split:  # the refresh reads the whole projection and moment
+            projected, moment = self.core_split.gather(projected), self.core_split.gather(moment)
         if kind == "correlation":
             new_p, res = correlation_step(h, state["proj"], projected, moment, loss=correlation_loss, split=self.split)
             return {"proj": new_p}, res.cos

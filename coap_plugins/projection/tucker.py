@@ -50,9 +50,10 @@ class Tucker2Projector:
     # set on the local view of a sharded layer (:meth:`sharded`): the splits of the two modes
     split: Split | None = None
     split_in: Split | None = None
-    # the moments (the core) are whole on every rank of a sharded layer; P_O is split with it
+    # on a sharded layer: P_O is split with the weight, the core (and its moments) along r_O
     moments_sharded = False
     sharded_keys: frozenset[str] = frozenset()
+    core_split: Split | None = None
 
     def __init__(self, shape: tuple[int, ...] | torch.Size, rank_out: int, rank_in: int | None) -> None:
         if len(shape) != 4:
@@ -78,6 +79,7 @@ class Tucker2Projector:
         self.out_ch, self.in_ch, self.k = out_ch, in_ch, k
         self.rank_out, self.rank_in = rank_out, rank_in
         self.core_in = rank_in if rank_in is not None else in_ch
+        self.core_rows = rank_out  # the core's first dimension held here (r_O, or a shard of it)
 
     def __repr__(self) -> str:
         return f"Tucker2Projector(shape={self.shape}, rank_out={self.rank_out}, rank_in={self.rank_in})"
@@ -88,15 +90,21 @@ class Tucker2Projector:
         first dimension (O) is split (FSDP2's ``Shard(0)``).
 
         The output mode is projected along O, the split dimension: ``P_O`` (O x r_O) is sharded
-        with the weight, and ``P_O^T G_(1)`` (r_O x I k) is a sum over ranks (one all-reduce
-        per step).  From there the core, the moments (r_O x k x r_I) and ``P_I`` (I x r_I) are
-        replicated: every rank holds the same.  The input mode's unfolding has the local rows
-        ``(o, kk)``, so its refreshes reduce r x r and r x I products.  Sizes become local."""
+        with the weight, and ``P_O^T G_(1)`` (r_O x I k) is a sum over ranks, reduce-scattered
+        so that each rank keeps r_O/world of its rows: the core and its moments
+        (r_O x k x r_I) are sharded along r_O, and the update is all-gathered (the core's size)
+        before the back-projection.  ``P_I`` (I x r_I) is replicated: every rank holds the same.
+        The input mode's unfolding has the local rows ``(o, kk)``, so its refreshes reduce r x r
+        and r x I products; a refresh gathers the core-sized terms it reads.  Sizes become local."""
         local = copy.copy(self)
         local.split = Split("cols", rows.group, rows.world, rows.rank, rows.total, rows.chunk)
         local.split_in = Split("rows", rows.group, rows.world, rows.rank, rows.total, rows.chunk).scaled(self.k)
+        r = self.rank_out
+        local.core_split = Split("rows", rows.group, rows.world, rows.rank, r, -(-r // rows.world))
+        local.core_rows = local.core_split.local
         local.out_ch = local.split.local
         local.sharded_keys = frozenset({"proj_out"})
+        local.moments_sharded = True
         return local
 
     # -- sizes -------------------------------------------------------------------------------
@@ -108,7 +116,7 @@ class Tucker2Projector:
 
     @property
     def moment_shape(self) -> tuple[int, int, int]:
-        return (self.rank_out, self.k, self.core_in)
+        return (self.core_rows, self.k, self.core_in)
 
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
         shapes: dict[str, tuple[int, ...]] = {"proj_out": (self.out_ch, self.rank_out)}
@@ -157,12 +165,12 @@ class Tucker2Projector:
     def project(self, state: dict, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the core ``(r_O, k, r_I)`` and ``P_O^T G_(1)`` ((r_O, I k), kept for refreshes)."""
         t1 = state["proj_out"].T @ self._out_unfolding(grad)
-        if self.split is not None:  # contracts the split output channels
-            (t1,) = self.split.sum(t1)
-        t1k = self._to_core_layout(t1, self.rank_out)
+        if self.split is not None:  # contracts the split output channels: each rank keeps its rows
+            t1 = self.core_split.scatter_sum(t1)
+        t1k = self._to_core_layout(t1, self.core_rows)
         if self.rank_in is None:
             return t1k.contiguous(), t1
-        core = t1k.reshape(self.rank_out * self.k, self.in_ch) @ state["proj_in"]
+        core = t1k.reshape(self.core_rows * self.k, self.in_ch) @ state["proj_in"]
         return core.view(self.moment_shape), t1
 
     # -- batches of same-shaped layers -------------------------------------------------------
@@ -202,6 +210,8 @@ class Tucker2Projector:
 
     def apply_update(self, param: torch.Tensor, update: torch.Tensor, state: dict, alpha: float) -> None:
         """``param += alpha * update x_1 P_O x_2 P_I``."""
+        if self.split is not None:  # every rank's rows of the core update, for its output channels
+            update = self.core_split.gather(update)
         x = self._restore_in(update, state)
         p_out = state["proj_out"]
         if param.dtype == torch.float32 and param.is_contiguous():
@@ -230,6 +240,8 @@ class Tucker2Projector:
         input mode, and vice versa.  Also returns the mean of the modes' direction
         terms for a correlation update, ``None`` for a recalibration.
         """
+        if self.split is not None:  # the refresh reads the whole core-sized terms
+            ctx, moment = self.core_split.gather(ctx), self.core_split.gather(moment)
         problems = [
             (
                 "proj_out",
@@ -257,12 +269,14 @@ class Tucker2Projector:
     def rotate(self, core: torch.Tensor, state: dict, new: dict[str, torch.Tensor], squared: bool) -> torch.Tensor:
         """Carry a core-shaped moment into the new bases (``restore_state``)."""
         t_out = state["proj_out"].T @ new["proj_out"]
-        if self.split is not None:
+        whole = (self.rank_out, self.k, self.core_in)
+        if self.split is not None:  # the rotation mixes the core's split rows
             (t_out,) = self.split.sum(t_out)
+            core = self.core_split.gather(core)
         t_out = t_out * t_out if squared else t_out
-        core = (t_out.T @ core.reshape(self.rank_out, -1)).view(self.moment_shape)
+        core = (t_out.T @ core.reshape(self.rank_out, -1)).view(whole)
         if self.rank_in is not None:
             t_in = state["proj_in"].T @ new["proj_in"]
             t_in = t_in * t_in if squared else t_in
-            core = (core.reshape(-1, self.rank_in) @ t_in).view(self.moment_shape)
-        return core
+            core = (core.reshape(-1, self.rank_in) @ t_in).view(whole)
+        return core if self.split is None else self.core_split.mine(core).contiguous()

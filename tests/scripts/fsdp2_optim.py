@@ -28,6 +28,21 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from coap_plugins import CoapAdafactor, CoapAdamW, CoapAdamW8bit  # noqa: E402
+from coap_plugins.projection import linalg  # noqa: E402
+
+# how many recalibrations of a step fell back to the Householder form (a rank-deficient G P_prev,
+# whose completion of the basis the gradient does not determine)
+FALLBACKS: list[int] = []
+_resolve = linalg.SvdFallbacks.resolve
+
+
+def _counted_resolve(self) -> int:
+    ran = _resolve(self)
+    FALLBACKS.append(ran)
+    return ran
+
+
+linalg.SvdFallbacks.resolve = _counted_resolve
 
 OPTIMIZERS = {"CoapAdamW": CoapAdamW, "CoapAdafactor": CoapAdafactor, "CoapAdamW8bit": CoapAdamW8bit}
 COAP = tuple(OPTIMIZERS)
@@ -222,8 +237,10 @@ def main() -> None:
                 before, grads = give_twin(model, opt, twin_model, twin)
             opt.step()
             if twin is not None:
+                FALLBACKS.clear()
                 twin.step()
-                steps.append(compare_twin(model, opt, twin_model, twin, before, grads))
+                fell_back = sum(FALLBACKS)
+                steps.append({**compare_twin(model, opt, twin_model, twin, before, grads), "fallbacks": fell_back})
             opt.zero_grad()
             if args.save_at and step == int(args.save_at[0]):
                 save(model, opt, os.path.join(args.save_at[1], name), args.full)
