@@ -13,7 +13,30 @@ from torch import nn
 from coap_plugins.optim import CoapOptimizer
 from coap_plugins.train.digits import DigitsData
 
-__all__ = ["evaluate", "optimizer_state_bytes", "train_classifier"]
+__all__ = ["evaluate", "launch_env", "optimizer_state_bytes", "train_classifier"]
+
+# what a launcher sets: in-process tests earlier in a session may leave these behind, which would
+# make a launched run think it is one rank of a group (or collide on a port)
+_RANK_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "NODE_RANK",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+
+
+def launch_env(**extra: str) -> dict[str, str]:
+    """A clean environment for a launched (multi-process) run: this one without the rank
+    variables, with one thread per process and ``extra``."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in _RANK_VARIABLES}
+    env.update(OMP_NUM_THREADS="1", **extra)
+    return env
 
 
 @torch.no_grad()

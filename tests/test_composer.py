@@ -13,6 +13,7 @@ from torch import nn
 pytest.importorskip("composer")
 pytest.importorskip("sklearn")
 
+from _helpers import launch_env  # noqa: E402  (tests/ helper)
 from composer import Algorithm, Callback, Event, Trainer  # noqa: E402
 from composer.callbacks import OptimizerMonitor  # noqa: E402
 from composer.loggers import InMemoryLogger  # noqa: E402
@@ -506,27 +507,23 @@ def test_gradient_accumulation_refreshes_once_per_step(digits):
 
 
 # -- distributed -----------------------------------------------------------------------------
-@pytest.mark.slow
-def test_ddp_two_cpu_processes_keep_parameters_and_projectors_identical(tmp_path):
-    import os
+def _launch_two(script: str, *args: str) -> None:
+    """``tests/scripts/<script> args`` on 2 CPU processes under torch.distributed.run (a clean
+    environment; Composer's checkpoint loading wants NODE_RANK)."""
     import subprocess
     import sys
     from pathlib import Path
 
-    script = Path(__file__).parent / "scripts" / "ddp_composer.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(script),
-        str(tmp_path),
-    ]
+    env = launch_env(NODE_RANK="0")
+    path = Path(__file__).parent / "scripts" / script
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(path), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_keep_parameters_and_projectors_identical(tmp_path):
+    _launch_two("ddp_composer.py", str(tmp_path))
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert r0["world"] == r1["world"] == 2
@@ -543,19 +540,6 @@ def test_ddp_two_cpu_processes_keep_parameters_and_projectors_identical(tmp_path
     assert len(moved) == len(r0["params"]) == len(start)  # every parameter trained
 
 
-def _launch_two(script: str, *args: str) -> None:
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NODE_RANK": "0"}
-    path = Path(__file__).parent / "scripts" / script
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(path), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("state_dict_type", ["sharded", "full"])
 def test_fsdp2_two_cpu_processes_train_checkpoint_and_resume_bit_exactly(tmp_path, state_dict_type):
@@ -566,10 +550,18 @@ def test_fsdp2_two_cpu_processes_train_checkpoint_and_resume_bit_exactly(tmp_pat
     (tmp_path / "full").mkdir()
     (tmp_path / "resumed").mkdir()
     ckpt = tmp_path / "ckpt"
-    _launch_two("fsdp2_composer.py", str(tmp_path / "full"), "--save", str(ckpt), "--state-dict-type", state_dict_type)
+    _launch_two(
+        "ddp_composer.py", str(tmp_path / "full"), "--fsdp2", "--save", str(ckpt), "--state-dict-type", state_dict_type
+    )
     load = ckpt / ("ep0-ba4" if state_dict_type == "sharded" else "ep0-ba4-rank0.pt")
     _launch_two(
-        "fsdp2_composer.py", str(tmp_path / "resumed"), "--load", str(load), "--state-dict-type", state_dict_type
+        "ddp_composer.py",
+        str(tmp_path / "resumed"),
+        "--fsdp2",
+        "--load",
+        str(load),
+        "--state-dict-type",
+        state_dict_type,
     )
     full = [torch.load(tmp_path / "full" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     resumed = [torch.load(tmp_path / "resumed" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]

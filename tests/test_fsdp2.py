@@ -4,39 +4,27 @@ resharding 2 <-> 1), refusals.  Two CPU processes with gloo (tests/scripts/fsdp2
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _helpers import launch_env
 
 SCRIPT = Path(__file__).parent / "scripts" / "fsdp2_optim.py"
 COAP = ("CoapAdamW", "CoapAdafactor", "CoapAdamW8bit")
 
 
-def launch(out: Path, nproc: int | None, *args: str) -> None:
+def launch(out: Path, nproc: int | None, *args: str, script: str = "fsdp2_optim.py") -> None:
     """The script in one plain process (``nproc=None``) or under torch.distributed.run."""
     out.mkdir(parents=True, exist_ok=True)
-    # a clean launch environment: in-process tests earlier in the session may leave rank variables
-    # behind, which would make the plain run think it is one rank of a group
-    stale = (
-        "RANK",
-        "WORLD_SIZE",
-        "LOCAL_RANK",
-        "LOCAL_WORLD_SIZE",
-        "NODE_RANK",
-        "GROUP_RANK",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-    )
-    env = {k: v for k, v in os.environ.items() if k not in stale}
-    env["OMP_NUM_THREADS"] = "1"
+    env = launch_env()
     head = [sys.executable]
     if nproc is not None:
         head += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    proc = subprocess.run([*head, str(SCRIPT), str(out), *args], capture_output=True, text=True, timeout=600, env=env)
+    path = SCRIPT.parent / script
+    proc = subprocess.run([*head, str(path), str(out), *args], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
@@ -145,6 +133,17 @@ def test_distributed_checkpoint_reshards_between_two_ranks_and_one(checkpoints, 
         for k in before:
             step = (after[k] - before[k]).norm()
             assert float((c["params"][k] - after[k]).norm() / step) < 1e-5, (saver, k)
+
+
+@pytest.mark.slow
+def test_plain_whole_state_dict_loads_into_a_sharded_optimizer(tmp_path):
+    """``load_state_dict`` of whole tensors (an unsharded run's ``torch.save``) on 2 ranks: each
+    takes its rows of every sharded tensor by that tensor's own split, and the next two steps
+    (an ordinary one and a recalibration) equal the original optimizer's bit for bit."""
+    import json
+
+    launch(tmp_path, 2, script="fsdp2_whole_load.py")
+    assert json.loads((tmp_path / "whole_load.json").read_text()) == dict.fromkeys(COAP, True)
 
 
 # -- refusals (one process, a 1-rank gloo group) --------------------------------------------

@@ -24,6 +24,8 @@ pytest.importorskip("webdataset")
 pytest.importorskip("composer")
 pytest.importorskip("lightning")
 
+from _helpers import launch_env  # noqa: E402  (tests/ helper)
+
 from coap_plugins.recipes import RECIPES_DIR  # noqa: E402
 from coap_plugins.train import tasks  # noqa: E402
 from coap_plugins.train.cli import run  # noqa: E402
@@ -339,9 +341,7 @@ def test_two_nodes_of_one_process_train_as_two_devices(tmp_path, trainer, data_c
     """2 nodes x 1 process over localhost (each node its own coap-train, the frameworks' launchers
     meeting at rendezvous.master_port) train exactly as 1 node x 2 processes: same data split per
     global rank, same losses and metrics."""
-    stale = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_ADDR")
-    env = {k: v for k, v in os.environ.items() if k not in (*stale, "MASTER_PORT")}
-    env.update(COAP_DATA_CACHE=str(data_cache), OMP_NUM_THREADS="1")
+    env = launch_env(COAP_DATA_CACHE=str(data_cache))
     cmd = [sys.executable, "-m", "coap_plugins.train.cli", str(RECIPES_DIR / trainer / "resnet18_digits.yaml"), *TINY]
     port = 29400 + (os.getpid() % 500) * 2 + (trainer == "lightning")
     nodes = [

@@ -1,7 +1,6 @@
 """coap-train end to end: every shipped recipe for a few batches, resume equality, DDP (slow)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ pytest.importorskip("composer")
 pytest.importorskip("lightning")
 
 from _fakes import write_fake_cifar, write_png_folder  # noqa: E402  (tests/ helper)
+from _helpers import launch_env  # noqa: E402  (tests/ helper)
 
 from coap_plugins.recipes import RECIPES_DIR  # noqa: E402
 from coap_plugins.train.cli import run  # noqa: E402
@@ -273,19 +273,7 @@ def test_data_errors_are_clear(tmp_path):
 
 def _two_processes(tmp_path, trainer, data_cache, parallelism="ddp"):
     out = tmp_path / "run"
-    # a clean launch environment: earlier in-process runs may have left rank variables behind
-    stale = (
-        "RANK",
-        "WORLD_SIZE",
-        "LOCAL_RANK",
-        "LOCAL_WORLD_SIZE",
-        "NODE_RANK",
-        "GROUP_RANK",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-    )
-    env = {k: v for k, v in os.environ.items() if k not in stale}
-    env.update(COAP_DATA_CACHE=str(data_cache), OMP_NUM_THREADS="1")
+    env = launch_env(COAP_DATA_CACHE=str(data_cache))
     cmd = [
         sys.executable,
         "-m",

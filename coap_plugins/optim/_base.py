@@ -45,12 +45,13 @@ from ..projection.linalg import (
     CORRELATION_LOSSES,
     DEFAULT_BASIS_ALIGNMENT,
     DEFAULT_CORRELATION_LOSS,
+    Split,
     SvdFallbacks,
 )
 from ..projection.routing import PROJECTION_REASONS, policy_reason, route_in_group
 from ..schedule import ProjectionSchedule
 from ._quant import BLOCKSIZE
-from ._sharded import check_placement, is_dtensor, local_view, param_split, write_back
+from ._sharded import check_placement, is_dtensor, local_part, local_view, param_split, write_back
 from ._storage import MomentStorage
 
 __all__ = ["CoapOptimizer", "COAP_GROUP_KEYS", "RESIDUALS", "coap_defaults"]
@@ -72,11 +73,6 @@ DEFAULT_RESIDUAL = "scaled"
 # projected update's relative step size (see CoapOptimizer._apply_batches)
 RESIDUALS = ("none", "scaled")
 _RESIDUAL_FLOOR = 0.1
-
-
-def _here(p: torch.Tensor) -> torch.Tensor:
-    """What this process holds of ``p``: its local shard when FSDP2 has sharded it."""
-    return p._local_tensor if is_dtensor(p) else p
 
 
 def param_seed(base: int, shape: tuple[int, ...], name: str | None, index: int) -> int:
@@ -118,13 +114,14 @@ class _Member:
 
 
 class _ShardPlan:
-    """How a sharded parameter's step and state are laid out on this rank (cached per parameter):
-    its split, local projector, the state keys kept as DTensors and every key's global shape."""
+    """How a sharded parameter's step and state are laid out on this rank (cached per parameter,
+    for the projector it was routed to): its split, local projector, the split of each state key
+    kept as a DTensor (the others are replicated) and every key's global shape."""
 
-    __slots__ = ("key", "split", "proj", "sharded", "shapes")
+    __slots__ = ("route", "split", "proj", "splits", "shapes")
 
-    def __init__(self, key, split, proj, sharded, shapes) -> None:
-        self.key, self.split, self.proj, self.sharded, self.shapes = key, split, proj, sharded, shapes
+    def __init__(self, route, split, proj, splits, shapes) -> None:
+        self.route, self.split, self.proj, self.splits, self.shapes = route, split, proj, splits, shapes
 
 
 def _sum_sharded(values: list[torch.Tensor], splits: list) -> list[torch.Tensor]:
@@ -385,24 +382,29 @@ class CoapOptimizer(Optimizer):
         block boundaries (the absmax of a block is a value of the whole tensor): any other
         split is refused here, when the optimizer is built."""
         proj, _ = self._route(p, group, index)
-        split = param_split(p)
-        key = (id(proj), split.world, split.rank)
         plan = self._shard_plans.get(p)
-        if plan is not None and plan.key == key:
+        if plan is not None and plan.route is proj:  # a parameter's mesh and rank never change
             return plan
+        split = param_split(p)
         local = None if proj is None else proj.sharded(split)
         shapes = self._expected_state_shapes(p, group, index)
-        sharded = set(() if local is None else local.sharded_keys)
-        if local is None or local.moments_sharded:
-            moment_shape = tuple(p.shape) if proj is None else proj.moment_shape
-            for name, shape in self._moment_shapes(moment_shape, group).items():
-                if name in self.replicated_moments:
-                    continue
-                keys = self._storage.state_shapes(name, shape)
-                if name + "_absmax" in keys:
-                    self._check_block_split(p, name, shape, split if local is None else local.core_split)
-                sharded.update(keys)
-        plan = _ShardPlan(key, split, local, frozenset(sharded), shapes)
+        # the projectors split with the weight's rows; every moment with the core's rows (the
+        # weight's own for a full-rank parameter), but the statistics that never follow rows
+        splits = dict.fromkeys(() if local is None else local.sharded_keys, split)
+        moment_split = split if local is None else local.core_split
+        moment_shape = tuple(p.shape) if proj is None else proj.moment_shape
+        for name, shape in self._moment_shapes(moment_shape, group).items():
+            if name in self.replicated_moments:
+                continue
+            keys = self._storage.state_shapes(name, shape)
+            splits.update(dict.fromkeys(keys, moment_split))
+            if name + "_absmax" in keys:  # one absmax per block: split in blocks, at the rows' boundaries
+                self._check_block_split(p, name, shape, moment_split)
+                blocks = keys[name + "_absmax"][0]
+                splits[name + "_absmax"] = Split(
+                    "rows", split.group, split.world, split.rank, blocks, -(-blocks // split.world)
+                )
+        plan = _ShardPlan(proj, split, local, splits, shapes)
         self._shard_plans[p] = plan
         return plan
 
@@ -504,7 +506,7 @@ class CoapOptimizer(Optimizer):
                 self._projected_update(group, plan.batches)
             group["pending_refresh"] = "none"
         for p, state, local, shard in self._local_states:
-            write_back(state, local, shard.sharded, shard.shapes, p)
+            write_back(state, local, shard.splits, shard.shapes, p)
         self._local_states = []
         return loss
 
@@ -528,9 +530,9 @@ class CoapOptimizer(Optimizer):
             key, split, whole = p, None, None
             if is_dtensor(p):  # FSDP2: the step works on this rank's shard (see _sharded)
                 shard = self._shard_plan(p, group, i)
-                local = local_view(state, shard.sharded, shard.split)
+                local = local_view(state, shard.splits, shard.shapes)
                 self._local_states.append((p, state, local, shard))
-                p, grad, state, proj = p._local_tensor, grad.to_local(), local, shard.proj
+                p, grad, state, proj = local_part(p), local_part(grad), local, shard.proj
                 split, whole = shard.split, tuple(key.shape)
             g32 = grad if grad.dtype == torch.float32 else grad.float()
             if proj is None:
@@ -563,7 +565,8 @@ class CoapOptimizer(Optimizer):
         bad = [(~torch.isfinite(m.grad)).any().float() for _, _, m in waiting]
         some = [(m.grad != 0).any().float() for _, _, m in waiting]
         splits = [m.split for _, _, m in waiting]
-        bad, some = _sum_sharded(bad, splits), _sum_sharded(some, splits)
+        summed = _sum_sharded(bad + some, splits + splits)  # one collective for both
+        bad, some = summed[: len(bad)], summed[len(bad) :]
         flags = torch.stack([(b == 0) & (s > 0) for b, s in zip(bad, some)])
         usable = [True] * len(waiting) if bool(flags.all()) else flags.cpu().tolist()
         fallbacks = SvdFallbacks()
@@ -687,13 +690,9 @@ class CoapOptimizer(Optimizer):
             grads = [m.grad for m in members]
             norms = [torch.stack(torch._foreach_norm(t)) for t in (grads, updates, cores)]
             if any(m.split is not None for m in members):  # norms of the whole tensors, where split
-                norms = [
-                    torch.stack(_sum_sharded(list(n.square().unbind(0)), splits)).sqrt()
-                    for n, splits in zip(
-                        norms,
-                        ([m.split for m in members], *[[m.core_split for m in members]] * 2),
-                    )
-                ]
+                splits = [m.split for m in members] + [m.core_split for m in members] * 2
+                squares = _sum_sharded(list(torch.cat(norms).square().unbind(0)), splits)  # one collective
+                norms = list(torch.stack(squares).sqrt().split(len(members)))
             # the denominator is at least a tenth of the gradient's norm: a gradient the subspace
             # barely holds (|G P| -> 0) cannot blow the residual up past 10x the projected update
             floor = norms[0].mul_(_RESIDUAL_FLOOR).clamp_min_(1e-30)
@@ -855,9 +854,8 @@ class CoapOptimizer(Optimizer):
             for v in self.state.get(q, {}).values():
                 if not isinstance(v, torch.Tensor):
                     continue
-                shard = is_dtensor(v)
-                if replicated is None or replicated != shard:
-                    local = v._local_tensor if shard else v
+                if replicated is None or replicated != is_dtensor(v):
+                    local = local_part(v)
                     total += local.numel() * local.element_size()
         return total
 
@@ -898,7 +896,7 @@ class CoapOptimizer(Optimizer):
     def full_rank_state_bytes(self) -> int:
         """Bytes of moments the full-rank counterpart (torch AdamW / Adafactor) would hold (on this
         rank, under FSDP2: its moments would be sharded like the parameters)."""
-        return sum(self._full_rank_equivalent_bytes(_here(p), g) for g in self.param_groups for p in g["params"])
+        return sum(self._full_rank_equivalent_bytes(local_part(p), g) for g in self.param_groups for p in g["params"])
 
     def _waiting(self, p: torch.Tensor) -> bool:
         state = self.state.get(p)
@@ -966,7 +964,7 @@ class CoapOptimizer(Optimizer):
                 "projector": row["projector"].kind if row["projector"] is not None else "none",
                 "reason": row["reason"],
                 "state_bytes": self.state_bytes(p),
-                "full_rank_bytes": self._full_rank_equivalent_bytes(_here(p), self.param_groups[row["group"]]),
+                "full_rank_bytes": self._full_rank_equivalent_bytes(local_part(p), self.param_groups[row["group"]]),
                 "replicated_state_bytes": self.state_bytes(p, replicated=True) if is_dtensor(p) else 0,
                 "waiting": row["projector"] is not None and self._waiting(p),
             }

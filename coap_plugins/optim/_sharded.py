@@ -23,7 +23,7 @@ import torch
 
 from ..projection.linalg import Split
 
-__all__ = ["check_placement", "is_dtensor", "local_view", "param_split", "write_back"]
+__all__ = ["check_placement", "is_dtensor", "local_part", "local_view", "param_split", "write_back"]
 
 
 def _dtensor_types():
@@ -37,6 +37,12 @@ def _dtensor_types():
 def is_dtensor(t: Any) -> bool:
     dtensor, _ = _dtensor_types()
     return dtensor is not None and isinstance(t, dtensor)
+
+
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """What this process holds of ``t``: its local shard for a DTensor (the tensor itself, so
+    in-place math on it updates the DTensor), else ``t``."""
+    return t._local_tensor if is_dtensor(t) else t
 
 
 def check_placement(p: torch.Tensor, owner: str) -> None:
@@ -69,28 +75,29 @@ def param_split(p: torch.Tensor) -> Split | None:
     return split
 
 
-def local_view(state: dict, sharded: frozenset[str], split: Split) -> dict:
-    """The state of a sharded parameter as this rank's tensors: the local shard of every DTensor
-    that should be sharded, the whole tensor of every other one (a state loaded from a
-    checkpoint of another layout is brought to this one here)."""
+def local_view(state: dict, splits: dict[str, Split], shapes: dict[str, tuple[int, ...]]) -> dict:
+    """The state of a sharded parameter as this rank's tensors: the local shard of every key
+    ``splits`` names (with the split it has), the whole tensor of every other one.  A state
+    loaded in another layout (a whole tensor from an unsharded checkpoint, a DTensor where this
+    layout replicates) is brought to this one here."""
     out = {}
     for key, value in state.items():
+        split = splits.get(key)
         if is_dtensor(value):
-            value = value._local_tensor if key in sharded else value.full_tensor()
-        elif isinstance(value, torch.Tensor) and key in sharded and value.dim() and value.shape[0] != split.local:
-            value = split.mine(value).clone()  # a whole tensor (e.g. a full state dict) into a sharded run
+            value = value._local_tensor if split is not None else value.full_tensor()
+        elif split is not None and isinstance(value, torch.Tensor) and tuple(value.shape) == tuple(shapes[key]):
+            if split.local != split.total:  # a whole tensor into a sharded run: this rank's rows
+                value = split.mine(value).clone()
         out[key] = value
     return out
 
 
-def write_back(
-    state: dict, local: dict, sharded: frozenset[str], shapes: dict[str, tuple[int, ...]], p: torch.Tensor
-) -> None:
-    """Put a step's local view back into ``state``: sharded keys as DTensors with ``p``'s mesh
-    and placement and their global ``shapes``, the rest as they are."""
+def write_back(state: dict, local: dict, splits: dict[str, Split], shapes: dict[str, tuple[int, ...]], p) -> None:
+    """Put a step's local view back into ``state``: the keys ``splits`` names as DTensors with
+    ``p``'s mesh and placement and their global ``shapes``, the rest as they are."""
     dtensor, shard = _dtensor_types()
     for key, value in local.items():
-        if not (isinstance(value, torch.Tensor) and key in sharded):
+        if not (isinstance(value, torch.Tensor) and key in splits):
             state[key] = value
             continue
         current = state.get(key)

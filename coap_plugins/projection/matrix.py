@@ -106,11 +106,6 @@ class MatrixProjector:
         return local
 
     @property
-    def moments_sharded(self) -> bool:
-        """Whether the moments have the local rows of a sharded layer (always, for a sharded one)."""
-        return self.split is not None
-
-    @property
     def _wide_split(self) -> bool:
         return self.split is not None and self.split.axis == "cols"
 

@@ -51,7 +51,6 @@ class Tucker2Projector:
     split: Split | None = None
     split_in: Split | None = None
     # on a sharded layer: P_O is split with the weight, the core (and its moments) along r_O
-    moments_sharded = False
     sharded_keys: frozenset[str] = frozenset()
     core_split: Split | None = None
 
@@ -104,7 +103,6 @@ class Tucker2Projector:
         local.core_rows = local.core_split.local
         local.out_ch = local.split.local
         local.sharded_keys = frozenset({"proj_out"})
-        local.moments_sharded = True
         return local
 
     # -- sizes -------------------------------------------------------------------------------
