@@ -1,5 +1,6 @@
 """COAP optimizers: CoapAdamW and CoapAdafactor on one shared base, and their 8-bit forms."""
 
+from ._backward import StepInBackward, step_in_backward
 from ._base import COAP_GROUP_KEYS, CoapOptimizer
 from .adafactor import CoapAdafactor
 from .adafactor8bit import CoapAdafactor8bit
@@ -15,7 +16,9 @@ __all__ = [
     "CoapAdamW",
     "CoapAdamW8bit",
     "CoapOptimizer",
+    "StepInBackward",
     "create_optimizer",
     "get_optimizer_class",
     "register_timm",
+    "step_in_backward",
 ]

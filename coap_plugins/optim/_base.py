@@ -99,13 +99,16 @@ class _Member:
     ``grad``, ``state`` and ``proj`` are this rank's local ones, ``key`` the DTensor parameter
     itself and ``split`` how its rows are split; for any other ``key`` is ``param``."""
 
-    __slots__ = ("param", "grad", "state", "proj", "index", "refresh", "key", "split")
+    __slots__ = ("param", "grad", "state", "proj", "index", "refresh", "key", "split", "partial")
 
-    def __init__(self, param, grad, state, proj, index, refresh, key=None, split=None) -> None:
+    def __init__(self, param, grad, state, proj, index, refresh, key=None, split=None, partial=None) -> None:
         self.param, self.grad, self.state = param, grad, state
         self.proj, self.index, self.refresh = proj, index, refresh
         self.key = param if key is None else key
         self.split = split
+        # the projected gradient of earlier micro-batches (step in backward, see _backward), to
+        # which this one's projection is added; ``grad`` is then ``None`` when there is none
+        self.partial = partial
 
     @property
     def core_split(self):
@@ -180,6 +183,11 @@ class _Batch:
         state, which the identity check below notices: the batch is then stacked again.
         """
         if not self.batched:
+            if self.members[0].partial is not None:  # an ordinary step: no refresh reuses a context
+                self.cores = [m.partial if m.grad is None else m.partial + m.proj.project(m.state, m.grad)[0]
+                              for m in self.members]
+                self._ctx = None
+                return
             out = [self.proj.project(m.state, m.grad) for m in self.members]
             self.cores = [core for core, _ in out]
             self._ctx = None if out[0][1] is None else [ctx for _, ctx in out]
@@ -234,12 +242,14 @@ def _batches(members: list[_Member], batched: bool | None) -> list[_Batch]:
             m.param.device,
             m.refresh,
             m.split is not None,
+            m.partial is not None,
         )
         keyed.setdefault(key, []).append(m)
     out = []
     for ms in keyed.values():
         on = ms[0].param.device.type != "cpu" if batched is None else batched
-        out.append(_Batch(ms, on and ms[0].split is None))  # a sharded layer's products carry collectives
+        # a sharded layer's products carry collectives; an accumulated core is the member's own
+        out.append(_Batch(ms, on and ms[0].split is None and ms[0].partial is None))
     return out
 
 
@@ -297,6 +307,12 @@ class CoapOptimizer(Optimizer):
         self._shard_plans: dict[torch.Tensor, _ShardPlan] = {}
         self._local_states: list[tuple[torch.Tensor, dict, dict, _ShardPlan]] = []
         self.last_refresh_seconds = 0.0
+        # step in backward (see _backward): the hooks that run it, the cores accumulated over
+        # micro-batches and the parameters the backward pass stepped since the last ``step()``
+        self._in_backward: Any = None
+        self._accumulated: dict[torch.Tensor, torch.Tensor] = {}
+        self._stepped: set[torch.Tensor] = set()
+        self._refresh_seconds = 0.0  # refreshes the backward pass ran since the last step()
 
     # -- groups and validation ---------------------------------------------------------------
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -478,16 +494,29 @@ class CoapOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.last_refresh_seconds = 0.0
         if self.batched_products not in (None, True, False):
             raise ValueError(f"Invalid batched_products: {self.batched_products!r} (expected True, False or None)")
         self._local_states = []
-        plans = [self._gather(group) for group in self.param_groups]
-        self._set_up(plans)
+        # in backward mode (see _backward) the layers stepped by the backward pass are done: the
+        # rest (a step whose last micro-batch was not marked, accumulated cores) steps here
+        seconds = self._run([(group, self._gather(group)) for group in self.param_groups])
+        self.last_refresh_seconds, self._refresh_seconds = self._refresh_seconds + seconds, 0.0
+        for p in self._stepped:
+            p.grad = None  # DDP writes its bucket back after the hook stepped the layer
+        self._stepped.clear()
+        for group in self.param_groups:
+            group["pending_refresh"] = "none"
+        return loss
+
+    def _run(self, work: list[tuple[dict[str, Any], _Plan]]) -> float:
+        """Steps 1-4 of the flow for the gathered ``work`` (each group with its plan); returns
+        the seconds its refreshes took."""
+        self._set_up(work)
         start = time.perf_counter()
         fallbacks = SvdFallbacks()
         refreshing = []
-        for group, plan in zip(self.param_groups, plans):
+        seconds = 0.0
+        for group, plan in work:
             plan.batches = _batches(plan.projected, self.batched_products)
             for batch in plan.batches:
                 batch.project(self._stacks)
@@ -498,32 +527,42 @@ class CoapOptimizer(Optimizer):
             fallbacks.resolve()  # the step's one host sync, only when it recalibrates
             for group, batch in refreshing:
                 self._finish_refresh(group, batch)
-            self.last_refresh_seconds = time.perf_counter() - start
-        for group, plan in zip(self.param_groups, plans):
+            seconds = time.perf_counter() - start
+        for group, plan in work:
             if plan.full:
                 self._full_rank_update(group, *zip(*plan.full))
             if plan.batches:
                 self._projected_update(group, plan.batches)
-            group["pending_refresh"] = "none"
         for p, state, local, shard in self._local_states:
             write_back(state, local, shard.splits, shard.shapes, p)
         self._local_states = []
-        return loss
+        return seconds
 
-    def _gather(self, group: dict[str, Any]) -> _Plan:
+    def _gather(self, group: dict[str, Any], only: dict[int, tuple] | None = None) -> _Plan:
         """Sort a group's parameters with a gradient: full rank (state set up and step counted
-        here), projected (step counted, refresh kind decided) or waiting for set-up."""
+        here), projected (step counted, refresh kind decided) or waiting for set-up.
+
+        ``only`` (step in backward): the indices to step, each with its gradient and the core
+        accumulated from earlier micro-batches (either may be ``None``); otherwise every
+        parameter with a ``.grad`` or an accumulated core that the backward pass did not step."""
         plan = _Plan()
         schedule = None
         if group["schedule"] == "optimizer":
             schedule = ProjectionSchedule(group["update_interval"], group["reproject_factor"])
-        for i, p in enumerate(group["params"]):
-            if p.grad is None:
+        if only is None:
+            work = (
+                (i, p, p.grad, self._accumulated.pop(p, None))
+                for i, p in enumerate(group["params"])
+                if p not in self._stepped
+            )
+        else:
+            work = ((i, group["params"][i], grad, partial) for i, (grad, partial) in only.items())
+        for i, p, grad, partial in work:
+            if grad is None and partial is None:
                 continue
-            grad = p.grad
-            if grad.is_sparse:
+            if grad is not None and grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            if torch.is_complex(p) or torch.is_complex(grad):
+            if torch.is_complex(p) or (grad is not None and torch.is_complex(grad)):
                 raise RuntimeError(f"{type(self).__name__} does not support complex parameters (got {p.dtype})")
             proj, _ = self._route(p, group, i)
             state = self.state[p]
@@ -534,7 +573,7 @@ class CoapOptimizer(Optimizer):
                 self._local_states.append((p, state, local, shard))
                 p, grad, state, proj = local_part(p), local_part(grad), local, shard.proj
                 split, whole = shard.split, tuple(key.shape)
-            g32 = grad if grad.dtype == torch.float32 else grad.float()
+            g32 = grad if grad is None or grad.dtype == torch.float32 else grad.float()
             if proj is None:
                 if not state:
                     state["step"] = 0
@@ -547,11 +586,57 @@ class CoapOptimizer(Optimizer):
                 refresh = group["pending_refresh"]
                 if schedule is not None and refresh == "none":
                     refresh = schedule.refresh_at(state["step"] + 1)
+                if partial is not None and refresh != "none":
+                    raise RuntimeError(
+                        f"{type(self).__name__}: a {refresh} refresh is due at step {state['step'] + 1} of a layer "
+                        "whose micro-batches were accumulated in the projected space (the refresh needs the whole "
+                        "gradient): call request_refresh before the step's first backward"
+                    )
                 state["step"] += 1
-                plan.projected.append(_Member(p, g32, state, proj, i, refresh, key, split))
+                plan.projected.append(_Member(p, g32, state, proj, i, refresh, key, split, partial))
         return plan
 
-    def _set_up(self, plans: list[_Plan]) -> None:
+    # -- step in backward (driven by coap_plugins.optim.StepInBackward) -------------------------
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As :meth:`torch.optim.Optimizer.zero_grad`; in backward mode the cores accumulated
+        over micro-batches (the gradients' projections) are dropped too."""
+        self._accumulated.clear()
+        super().zero_grad(set_to_none)
+
+    def _accumulates_projected(self, p: torch.Tensor, group: dict[str, Any], index: int) -> bool:
+        """Whether ``p``'s next step needs only ``G P`` (so micro-batches can be accumulated in
+        the projected space): a projected, set-up layer, no refresh due at its next step, and no
+        residual (``residual="scaled"`` applies the gradient outside the subspace)."""
+        if group["residual"] != "none" or is_dtensor(p) or group["pending_refresh"] != "none":
+            return False
+        proj, _ = self._route(p, group, index)
+        state = self.state.get(p)
+        if proj is None or not state or state["step"] == 0:
+            return False
+        if group["schedule"] == "optimizer":
+            schedule = ProjectionSchedule(group["update_interval"], group["reproject_factor"])
+            return schedule.refresh_at(state["step"] + 1) == "none"
+        return True
+
+    @torch.no_grad()
+    def _accumulate(self, p: torch.Tensor, group: dict[str, Any], index: int, grad: torch.Tensor) -> None:
+        """Add ``grad``'s projection (with the projector in use) to ``p``'s accumulated core."""
+        proj, _ = self._route(p, group, index)
+        core, _ = proj.project(self.state[p], grad if grad.dtype == torch.float32 else grad.float())
+        held = self._accumulated.get(p)
+        self._accumulated[p] = core if held is None else held.add_(core)
+
+    @torch.no_grad()  # a DDP bucket's step runs on the process group's thread
+    def _step_one(
+        self, p: torch.Tensor, group: dict[str, Any], index: int, grad: torch.Tensor | None, partial=None
+    ) -> None:
+        """The step of one parameter (its gradient ``grad`` and accumulated core ``partial``),
+        with the arithmetic of :meth:`step`; the group's pending refresh stays for the others."""
+        self._local_states = []
+        self._refresh_seconds += self._run([(group, self._gather(group, {index: (grad, partial)}))])
+        self._stepped.add(p)
+
+    def _set_up(self, work: list[tuple[dict[str, Any], _Plan]]) -> None:
         """Projectors of the layers seeing their first gradient: one host sync decides which
         gradients are usable (finite, not all zero), one more resolves the recalibrations'
         fallbacks.  A layer whose gradient is unusable only takes weight decay (e.g. a block
@@ -559,7 +644,7 @@ class CoapOptimizer(Optimizer):
         the state has the same keys and shapes at every step, so a distributed checkpoint's
         template (which torch builds from one step on zero gradients) holds every layer.  A
         sharded layer decides on its whole gradient (a sum over its shard group)."""
-        waiting = [(group, plan, m) for group, plan in zip(self.param_groups, plans) for m in plan.waiting]
+        waiting = [(group, plan, m) for group, plan in work for m in plan.waiting]
         if not waiting:
             return
         bad = [(~torch.isfinite(m.grad)).any().float() for _, _, m in waiting]
