@@ -241,7 +241,8 @@ def test_refusals():
 def ddp_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("backward_ddp")
     script = Path(__file__).parent / "scripts" / "backward_ddp.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(out)]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd = [*launcher, str(script), str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=launch_env())
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out

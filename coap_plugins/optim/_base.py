@@ -184,8 +184,10 @@ class _Batch:
         """
         if not self.batched:
             if self.members[0].partial is not None:  # an ordinary step: no refresh reuses a context
-                self.cores = [m.partial if m.grad is None else m.partial + m.proj.project(m.state, m.grad)[0]
-                              for m in self.members]
+                self.cores = [
+                    m.partial if m.grad is None else m.partial + m.proj.project(m.state, m.grad)[0]
+                    for m in self.members
+                ]
                 self._ctx = None
                 return
             out = [self.proj.project(m.state, m.grad) for m in self.members]
