@@ -26,6 +26,7 @@ from ._checks import (
     is_finite_number,
 )
 from .optim import OPTIMIZERS, CoapOptimizer, get_optimizer_class
+from .optim._backward import REDUCTIONS
 from .optim._base import DEFAULT_RESIDUAL, RESIDUALS
 from .policy import CoapPolicy
 from .projection import DEFAULT_MIN_CONV_NUMEL
@@ -93,6 +94,12 @@ class CoapSettings:
         residual: ``"none"`` (the gradient outside the subspace is dropped, as the paper) or
             ``"scaled"`` (applied at the projected update's relative step size) (default ``"scaled"``).
         seed: base seed of the projectors (default 0).
+        step_in_backward: run each parameter's update inside the backward pass, as soon as its
+            gradient is there, and free the gradient (:class:`~coap_plugins.optim.StepInBackward`)
+            (default False).
+        backward_reduce: with ``step_in_backward`` under DDP, ``"projected"`` (all-reduce ``G P``
+            for the layers whose step needs only that) or ``"full"`` (every gradient, as DDP
+            does) (default ``"projected"``).
         lr, betas, eps, weight_decay: used only when there is no user optimizer to translate
             (defaults 1e-3, (0.9, 0.999), 1e-8, 1e-2); always validated: finite, ``lr``, ``eps``
             and ``weight_decay`` >= 0, each beta in [0, 1).
@@ -114,6 +121,8 @@ class CoapSettings:
     update_scale: float | str | None = None
     residual: str = DEFAULT_RESIDUAL
     seed: int = 0
+    step_in_backward: bool = False
+    backward_reduce: str = "projected"
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -130,6 +139,9 @@ class CoapSettings:
             raise SettingError("eight_bit", f"{self.eight_bit!r} (must be True or False)")
         if not isinstance(self.restore_state, bool):
             raise SettingError("restore_state", f"{self.restore_state!r} (must be True or False)")
+        if not isinstance(self.step_in_backward, bool):
+            raise SettingError("step_in_backward", f"{self.step_in_backward!r} (must be True or False)")
+        check_choice("backward_reduce", self.backward_reduce, REDUCTIONS)
         check_choice("basis_alignment", self.basis_alignment, BASIS_ALIGNMENTS)
         check_choice("correlation_loss", self.correlation_loss, CORRELATION_LOSSES)
         if self.update_scale is not None:

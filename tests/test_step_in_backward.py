@@ -194,19 +194,24 @@ def test_a_checkpoint_resumes_in_the_other_mode(first):
     batches = [micro_batches(gen, 2) for _ in range(12)]
     ref = net()
     ref_opt = build(ref)
-    for b in batches:
+    for k, b in enumerate(batches):
+        if k == 3:  # a changed lr, which the resumed optimizer takes from the checkpoint
+            ref_opt.param_groups[0]["lr"] = 4e-3
         one_step(ref, ref_opt, b)
     model = net()
     opt = build(model)
     hooks = StepInBackward(opt) if first == "backward" else None
-    for b in batches[:6]:
+    for k, b in enumerate(batches[:6]):
+        if k == 3:
+            opt.param_groups[0]["lr"] = 4e-3
         one_step(model, opt, b, hooks)
     saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
     resumed = net()
     resumed.load_state_dict(saved[0])
     opt2 = build(resumed)
-    opt2.load_state_dict(saved[1])
+    # hooked before the load, which replaces the param groups (lr, schedule, pending refresh)
     hooks2 = StepInBackward(opt2) if first == "normal" else None
+    opt2.load_state_dict(saved[1])
     for b in batches[6:]:
         one_step(resumed, opt2, b, hooks2)
     assert_same(ref, resumed)

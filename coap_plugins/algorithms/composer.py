@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..driver import DrivenAdapter, RefreshDriver
-from ..optim import CoapOptimizer
+from ..optim import CoapOptimizer, StepInBackward
 from ..settings import CoapSettings, takes_settings
 from ..telemetry import refresh_metrics, routing_summary, routing_table
 from ..translate import (
@@ -98,6 +98,17 @@ def apply_coap(
     return type(optimizers)(news) if isinstance(optimizers, (list, tuple)) else news
 
 
+def _num_samples(batch: Any) -> int | None:
+    """Samples in a (micro-)batch as Composer's default data spec counts them (the first
+    dimension of its tensors); ``None`` when it cannot tell."""
+    from composer.core import DataSpec
+
+    try:
+        return int(DataSpec._default_get_num_samples_in_batch(None, batch))  # type: ignore[arg-type]
+    except Exception:
+        return None
+
+
 class CoapAlgorithm(DrivenAdapter, Algorithm):
     """Train with COAP: the Trainer's AdamW/Adafactor becomes its low-rank projected counterpart.
 
@@ -138,6 +149,15 @@ class CoapAlgorithm(DrivenAdapter, Algorithm):
     parameters, whose steps then run on each rank's shard (see :mod:`coap_plugins.optim._sharded`);
     both of its checkpoint types (``state_dict_type="sharded"`` and ``"full"``) carry the COAP
     state.  FSDP1 (flat parameters) and tensor parallelism are refused.
+
+    ``step_in_backward=True`` runs each parameter's update inside the backward pass of the
+    batch's last micro-batch and frees its gradient (:class:`~coap_plugins.optim.StepInBackward`;
+    under DDP after its bucket is reduced, ``backward_reduce`` saying how).  The refresh due is
+    then requested at ``Event.BEFORE_TRAIN_BATCH``; the last micro-batch is the one whose samples
+    complete the batch (counted as Composer counts them; a batch it cannot count steps in
+    ``optimizer.step()``, as the normal mode does).  Refused at ``Event.FIT_START``, as they need
+    every gradient before any step or re-run micro-batches: ``GradientClipping``, ``amp_fp16``
+    (the GradScaler), automatic micro-batching, an optimizer wrapper (``SAM``) and FSDP2.
 
     Args:
         optimizer: ``"auto"`` (translate the user's optimizer) or a COAP optimizer name to use
@@ -186,6 +206,8 @@ class CoapAlgorithm(DrivenAdapter, Algorithm):
         ] = {}  # id(optimizer) -> kinds, for optimizers the user built
         self._stepped = False  # this batch's position advanced (SAM runs AFTER_TRAIN_BATCH once per closure)
         self._routing_logged = False
+        self._hooks: list[StepInBackward] = []  # step_in_backward: one per COAP optimizer
+        self._samples: list[int | None] = [None, 0]  # the batch's samples, and those of its micro-batches so far
 
     def __repr__(self) -> str:
         s = self.settings
@@ -214,6 +236,8 @@ class CoapAlgorithm(DrivenAdapter, Algorithm):
             Event.BEFORE_LOAD,
             Event.AFTER_LOAD,
             Event.FIT_START,
+            Event.BEFORE_TRAIN_BATCH,
+            Event.BEFORE_BACKWARD,
             Event.AFTER_TRAIN_BATCH,
             Event.BATCH_END,
         )
@@ -232,6 +256,23 @@ class CoapAlgorithm(DrivenAdapter, Algorithm):
             self._reroute(state)
             self._log_routing(logger)
             self._rebind(state)
+            if self.settings.step_in_backward:
+                self._step_in_backward(state)
+        elif event == Event.BEFORE_TRAIN_BATCH:
+            if self._hooks:  # the refresh is known before the first backward pass
+                self._check_reachable(state)
+                for i in range(len(self.driver.optimizers)):
+                    self.driver.before_step(i)
+                self._stepped = True
+                self._samples = [_num_samples(state.batch), 0]
+                for hooks in self._hooks:
+                    hooks.stepping = False
+        elif event == Event.BEFORE_BACKWARD:
+            if self._hooks and self._samples[0] is not None:
+                self._samples[1] += _num_samples(state.batch) or 0
+                last = self._samples[1] >= self._samples[0]
+                for hooks in self._hooks:
+                    hooks.stepping = last
         elif event == Event.AFTER_TRAIN_BATCH:
             if not self._stepped:
                 self._check_reachable(state)
@@ -266,6 +307,32 @@ class CoapAlgorithm(DrivenAdapter, Algorithm):
             )
         if getattr(state, "tp_config", None) is not None:
             raise ValueError("CoapAlgorithm does not support tensor parallelism: remove parallelism_config['tp']")
+
+    def _step_in_backward(self, state: State) -> None:
+        """Refuse what cannot step inside backward, then hook every COAP optimizer in."""
+        if self._hooks:
+            return  # a second fit on the same trainer
+        from composer.algorithms import GradientClipping
+        from composer.core import Precision
+
+        why = None
+        if any(isinstance(a, GradientClipping) for a in state.algorithms):
+            why = "GradientClipping clips by the norm of every gradient, which needs them all before any step"
+        elif state.precision == Precision.AMP_FP16:
+            why = "precision='amp_fp16' unscales every gradient and may skip the step (GradScaler) after backward"
+        elif state.auto_microbatching:
+            why = "device_train_microbatch_size='auto' re-runs micro-batches after an out-of-memory error"
+        elif getattr(state, "fsdp_config", None) is not None:
+            why = "FSDP2 reduce-scatters the gradients after the backward pass"
+        elif any(not isinstance(o, CoapOptimizer) for o in state.optimizers):
+            names = ", ".join(type(o).__name__ for o in state.optimizers)
+            why = f"the optimizer is wrapped ({names}): a wrapper's step (SAM's two passes) cannot run per parameter"
+        if why is not None:
+            raise ValueError(f"CoapAlgorithm(step_in_backward=True): {why}; remove it, or set step_in_backward=False")
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = state.model if isinstance(state.model, DistributedDataParallel) else None
+        self._hooks = [StepInBackward(o, ddp, reduce=self.settings.backward_reduce) for o in self.driver.optimizers]
 
     def _check_reachable(self, state: State) -> None:
         found = find_coap_optimizers(state.optimizers)

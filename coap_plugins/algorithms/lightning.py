@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..driver import DrivenAdapter, RefreshDriver
-from ..optim import CoapOptimizer
+from ..optim import CoapOptimizer, StepInBackward
 from ..settings import CoapSettings, takes_settings
 from ..telemetry import refresh_metrics, routing_summary, routing_table
 from ..translate import build_optimizer, find_coap_optimizers, rebind_lr_scheduler, translate_optimizer
@@ -84,6 +84,15 @@ class CoapCallback(DrivenAdapter, Callback):
     checkpoints carry the COAP state.  ``FSDPStrategy`` (FSDP1) and ``DeepSpeedStrategy`` are
     refused.
 
+    ``step_in_backward=True`` runs each parameter's update inside the backward pass of the last
+    batch of an accumulation window and frees its gradient
+    (:class:`~coap_plugins.optim.StepInBackward`; under DDP after its bucket is reduced,
+    ``backward_reduce`` saying how); the window's earlier batches accumulate, in the projected
+    space where a layer's step needs only ``G P``.  The refresh due is then requested at the
+    window's first ``on_train_batch_start``.  Refused at ``setup``, as they need every gradient
+    before any step: ``gradient_clip_val``, ``precision="16-mixed"`` (the GradScaler), manual
+    optimization, an optimizer wrapper, and sharded strategies (FSDP2 included).
+
     Args:
         optimizer: ``"auto"`` (translate the user's optimizer) or a COAP optimizer name to use
             whatever the user passed, keeping its groups' lr and weight decay (default ``"auto"``).
@@ -120,6 +129,9 @@ class CoapCallback(DrivenAdapter, Callback):
         self._module: pl.LightningModule | None = None
         self._original: Any = _MISSING
         self._routing_logged = False
+        self._hooks: list[StepInBackward] = []  # step_in_backward: one per COAP optimizer
+        self._window = False  # step_in_backward: an accumulation window has requested its refresh
+        self._step_ran = False
 
     def __repr__(self) -> str:
         s = self.settings
@@ -194,6 +206,8 @@ class CoapCallback(DrivenAdapter, Callback):
                 "strategy=ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) and fully_shard in "
                 "configure_model; or use strategy='ddp' (or a single device), or remove CoapCallback"
             )
+        if self.settings.step_in_backward:
+            self._check_step_in_backward(trainer, pl_module)
         current = pl_module.configure_optimizers
         owner = getattr(current, "_coap_callback", None)
         if owner is self:
@@ -213,10 +227,34 @@ class CoapCallback(DrivenAdapter, Callback):
         configure_optimizers._coap_callback = self  # type: ignore[attr-defined]
         pl_module.configure_optimizers = configure_optimizers  # type: ignore[method-assign]
 
+    def _check_step_in_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        why = None
+        if trainer.gradient_clip_val:
+            why = (
+                f"gradient_clip_val={trainer.gradient_clip_val} clips by the norm of every gradient, which needs them "
+                "all before any step"
+            )
+        elif getattr(trainer.precision_plugin, "scaler", None) is not None:
+            why = (
+                f"precision={trainer.precision!r} scales the loss with a GradScaler, which unscales every gradient "
+                "and may skip the step after backward"
+            )
+        elif not pl_module.automatic_optimization:
+            why = "manual optimization calls backward and step itself (use coap_plugins.optim.StepInBackward there)"
+        elif type(trainer.strategy).__name__ == "ModelParallelStrategy":
+            why = "FSDP2 reduce-scatters the gradients after the backward pass"
+        if why is not None:
+            raise MisconfigurationException(
+                f"CoapCallback(step_in_backward=True): {why}; remove it, or set step_in_backward=False"
+            )
+
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._unwrap()
+            for hooks in self._hooks:
+                hooks.remove()
+            self._hooks = []
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -310,6 +348,20 @@ class CoapCallback(DrivenAdapter, Callback):
         self._resumed = False
         self._settle_checkpoint(trainer, final=not trainer.strategy.restore_checkpoint_after_setup)
         self._log_routing(trainer)
+        if self.settings.step_in_backward and not self._hooks:
+            wrapped = [type(o).__name__ for o in trainer.optimizers if not isinstance(o, CoapOptimizer)]
+            if wrapped:
+                raise MisconfigurationException(
+                    f"CoapCallback(step_in_backward=True): the optimizer is wrapped ({', '.join(wrapped)}): a "
+                    "wrapper's step cannot run per parameter; remove it, or set step_in_backward=False"
+                )
+            from torch.nn.parallel import DistributedDataParallel
+
+            model = trainer.strategy.model
+            ddp = model if isinstance(model, DistributedDataParallel) else None
+            reduce = self.settings.backward_reduce
+            self._hooks = [StepInBackward(o, ddp, reduce=reduce) for o in self.driver.optimizers]
+            self._window = False
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -340,14 +392,36 @@ class CoapCallback(DrivenAdapter, Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        if self._hooks:  # requested at the window's first batch, before its first backward pass
+            self._step_ran = True
+            return
         index = self.driver.index_of(optimizer)
         if index is not None:  # else not one of ours (an optimizer configure_optimizers did not return)
             self.driver.before_step(index)
 
     @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._hooks and not self._window:
+            for i in range(len(self.driver.optimizers)):
+                self.driver.before_step(i)
+            self._window, self._step_ran = True, False
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        last = not trainer.fit_loop._should_accumulate()
+        for hooks in self._hooks:
+            hooks.stepping = last
+
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._hooks:
+            if not self._step_ran:
+                return  # the window goes on: its refresh stays requested
+            self._window = False
         ran, withdrawn = self.driver.after_batch()
         for _, step, kind in withdrawn:
             log.warning(

@@ -106,7 +106,7 @@ class StepInBackward:
         self.reduce = reduce
         self.stepping = True
         self._lock = threading.Lock()  # a bucket's reduction completes on the process group's thread
-        self._where: dict[torch.Tensor, tuple[dict, int]] = {}
+        self._where: dict[torch.Tensor, tuple[int, int]] = {}
         self._index()
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params if p.requires_grad]
         self._removed = False
@@ -115,12 +115,18 @@ class StepInBackward:
         optimizer._in_backward = self
 
     def _index(self) -> None:
-        self._where = {p: (g, i) for g in self.optimizer.param_groups for i, p in enumerate(g["params"])}
+        groups = self.optimizer.param_groups
+        self._where = {p: (gi, i) for gi, g in enumerate(groups) for i, p in enumerate(g["params"])}
 
     def _locate(self, p: torch.Tensor) -> tuple[dict, int]:
-        if p not in self._where:  # groups edited since (add_param_group)
-            self._index()
-        return self._where[p]
+        """``p``'s param group and index in it (the group dict itself is looked up each time:
+        ``load_state_dict`` replaces the groups)."""
+        groups = self.optimizer.param_groups
+        where = self._where.get(p)
+        if where is None or where[0] >= len(groups) or groups[where[0]]["params"][where[1]] is not p:
+            self._index()  # groups edited since (add_param_group)
+            where = self._where[p]
+        return groups[where[0]], where[1]
 
     @contextlib.contextmanager
     def no_step(self) -> Iterator[None]:
@@ -204,7 +210,8 @@ class StepInBackward:
         """``(elements a step with ``reduce="projected"`` all-reduces, elements of the whole
         gradients)`` for the parameters as they are now (an ordinary step: no refresh due)."""
         opt, sent, whole = self.optimizer, 0, 0
-        for p, (group, index) in self._where.items():
+        for p in list(self._where):
+            group, index = self._locate(p)
             if not p.requires_grad:
                 continue
             whole += p.numel()

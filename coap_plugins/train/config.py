@@ -167,6 +167,8 @@ class CoapConfig:
     update_scale: Optional[Union[int, float, str]] = None
     residual: str = DEFAULT_RESIDUAL
     seed: int = 0
+    step_in_backward: bool = False
+    backward_reduce: str = "projected"
 
 
 @dataclass
