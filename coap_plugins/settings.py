@@ -26,7 +26,7 @@ from ._checks import (
     is_finite_number,
 )
 from .optim import OPTIMIZERS, CoapOptimizer, get_optimizer_class
-from .optim._backward import REDUCTIONS
+from .optim._backward import ACCUMULATIONS, REDUCTIONS
 from .optim._base import DEFAULT_RESIDUAL, RESIDUALS
 from .policy import CoapPolicy
 from .projection import DEFAULT_MIN_CONV_NUMEL
@@ -100,6 +100,10 @@ class CoapSettings:
         backward_reduce: with ``step_in_backward`` under DDP, ``"projected"`` (all-reduce ``G P``
             for the layers whose step needs only that) or ``"full"`` (every gradient, as DDP
             does) (default ``"projected"``).
+        backward_accumulate: with ``step_in_backward`` and gradient accumulation, ``"projected"``
+            (the micro-batches before the last accumulate ``G P`` where a layer needs only that:
+            less memory, one more projection per micro-batch) or ``"full"`` (they accumulate
+            ``.grad`` as without the option) (default ``"projected"``).
         lr, betas, eps, weight_decay: used only when there is no user optimizer to translate
             (defaults 1e-3, (0.9, 0.999), 1e-8, 1e-2); always validated: finite, ``lr``, ``eps``
             and ``weight_decay`` >= 0, each beta in [0, 1).
@@ -123,6 +127,7 @@ class CoapSettings:
     seed: int = 0
     step_in_backward: bool = False
     backward_reduce: str = "projected"
+    backward_accumulate: str = "projected"
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -142,6 +147,7 @@ class CoapSettings:
         if not isinstance(self.step_in_backward, bool):
             raise SettingError("step_in_backward", f"{self.step_in_backward!r} (must be True or False)")
         check_choice("backward_reduce", self.backward_reduce, REDUCTIONS)
+        check_choice("backward_accumulate", self.backward_accumulate, ACCUMULATIONS)
         check_choice("basis_alignment", self.basis_alignment, BASIS_ALIGNMENTS)
         check_choice("correlation_loss", self.correlation_loss, CORRELATION_LOSSES)
         if self.update_scale is not None:

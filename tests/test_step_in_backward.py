@@ -95,6 +95,21 @@ def test_residual_none_without_accumulation_is_bit_identical(cls):
     assert_same(a, b)
 
 
+def test_full_accumulation_is_bit_identical_with_residual_none():
+    """accumulate="full": the micro-batches before the last keep .grad, as the normal mode."""
+    a, _ = train(CoapAdamW, False, 4, residual="none")
+    model = net()
+    opt = build(model, residual="none")
+    hooks = StepInBackward(opt, accumulate="full")
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(12):
+        one_step(model, opt, micro_batches(gen, 4), hooks)
+        sched.step()
+        assert not opt._accumulated
+    assert_same(a, model)
+
+
 def test_an_unmarked_last_micro_batch_steps_in_step():
     """Every micro-batch under no_step (e.g. the shorter last window of an epoch): optimizer.step()
     steps what was accumulated; the same weights as the normal mode."""
@@ -235,6 +250,8 @@ def test_refusals():
     opt = build(model)
     with pytest.raises(ValueError, match=r"Invalid reduce: 'half' \(expected one of 'projected', 'full'\)"):
         StepInBackward(opt, reduce="half")
+    with pytest.raises(ValueError, match=r"Invalid accumulate: 'some' \(expected one of 'projected', 'full'\)"):
+        StepInBackward(opt, accumulate="some")
     StepInBackward(opt)
     with pytest.raises(RuntimeError, match="already steps inside backward"):
         StepInBackward(opt)

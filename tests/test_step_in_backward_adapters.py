@@ -177,3 +177,47 @@ def test_lightning_refuses_what_needs_every_gradient(digits, tmp_path, kw, match
         kw = dict(plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))])
     with pytest.raises(MisconfigurationException, match=f"CoapCallback\\(step_in_backward=True\\): {match}"):
         lightning_fit(digits, tmp_path, True, max_steps=1, **kw)
+
+
+# -- DDP, 2 CPU processes ----------------------------------------------------------------------
+def _launch(script: str, *args: str) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from _helpers import launch_env
+
+    Path(args[0]).mkdir(parents=True, exist_ok=True)
+    path = Path(__file__).parent / "scripts" / script
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(path), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=launch_env(NODE_RANK="0"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _ranks_equal_and_equal_to(normal, backward) -> None:
+    runs = [torch.load(backward / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    ref = torch.load(normal / "rank0.pt", weights_only=True)
+    assert [tuple(r) for r in runs[0]["refreshes"]] == [(2, "correlation"), (4, "svd"), (6, "correlation"), (8, "svd")]
+    for run in runs:
+        assert run["params"].keys() == ref["params"].keys()
+        for k, v in ref["params"].items():
+            assert torch.equal(run["params"][k], v), k
+        for k, v in ref["projectors"].items():
+            assert torch.equal(run["projectors"][k], v), k
+
+
+@pytest.mark.slow
+def test_composer_ddp_micro_batches_in_backward_equal_the_normal_mode(tmp_path):
+    """8 batches of 16 per rank in micro-batches of 8 (the first under DDP's no_sync): the ranks
+    end bit-identical, and bit-equal to the normal mode (the default residual needs whole
+    gradients, so each bucket is averaged as DDP does, then stepped)."""
+    _launch("ddp_composer.py", str(tmp_path / "normal"), "--microbatch", "8")
+    _launch("ddp_composer.py", str(tmp_path / "backward"), "--microbatch", "8", "--step-in-backward")
+    _ranks_equal_and_equal_to(tmp_path / "normal", tmp_path / "backward")
+
+
+@pytest.mark.slow
+def test_lightning_ddp_accumulation_in_backward_equals_the_normal_mode(tmp_path):
+    _launch("ddp_lightning.py", str(tmp_path / "normal"), "2")
+    _launch("ddp_lightning.py", str(tmp_path / "backward"), "2", "backward")
+    _ranks_equal_and_equal_to(tmp_path / "normal", tmp_path / "backward")

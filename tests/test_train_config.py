@@ -205,3 +205,21 @@ def test_parallelism_choices_and_what_fsdp2_does_not_combine_with_yet():
     ):
         with pytest.raises(ConfigError, match=rf"Invalid {key} with parallelism: fsdp2 \(not supported together yet\)"):
             load_config(recipe, ["parallelism=fsdp2", override])
+
+
+def test_step_in_backward_setting_and_what_it_does_not_combine_with():
+    recipe = YAMLS / "composer" / "resnet18_digits.yaml"
+    cfg = load_config(recipe, ["coap.step_in_backward=true", "coap.backward_reduce=full"])
+    assert cfg.coap.step_in_backward is True and cfg.coap.backward_reduce == "full"
+    assert load_config(recipe).coap.step_in_backward is False
+    with pytest.raises(ConfigError, match=r"Invalid coap.backward_reduce: 'half' \(expected 'projected' or 'full'\)"):
+        load_config(recipe, ["coap.backward_reduce=half"])
+    with pytest.raises(ConfigError, match=r"Invalid coap.step_in_backward: 'yes' \(must be True or False\)"):
+        load_config(recipe, ["coap.step_in_backward='yes'"])
+    for override, key in (
+        ("clip_grad_norm=1.0", "clip_grad_norm"),
+        ("precision=fp16", "precision"),
+        ("parallelism=fsdp2", "parallelism"),
+    ):
+        with pytest.raises(ConfigError, match=rf"Invalid {key} with coap.step_in_backward: true \("):
+            load_config(recipe, ["coap.step_in_backward=true", override])

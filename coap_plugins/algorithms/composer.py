@@ -332,7 +332,10 @@ class CoapAlgorithm(DrivenAdapter, Algorithm):
         from torch.nn.parallel import DistributedDataParallel
 
         ddp = state.model if isinstance(state.model, DistributedDataParallel) else None
-        self._hooks = [StepInBackward(o, ddp, reduce=self.settings.backward_reduce) for o in self.driver.optimizers]
+        self._hooks = [
+            StepInBackward(o, ddp, reduce=self.settings.backward_reduce, accumulate=self.settings.backward_accumulate)
+            for o in self.driver.optimizers
+        ]
 
     def _check_reachable(self, state: State) -> None:
         found = find_coap_optimizers(state.optimizers)

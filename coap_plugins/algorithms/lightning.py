@@ -359,8 +359,8 @@ class CoapCallback(DrivenAdapter, Callback):
 
             model = trainer.strategy.model
             ddp = model if isinstance(model, DistributedDataParallel) else None
-            reduce = self.settings.backward_reduce
-            self._hooks = [StepInBackward(o, ddp, reduce=reduce) for o in self.driver.optimizers]
+            kw = dict(reduce=self.settings.backward_reduce, accumulate=self.settings.backward_accumulate)
+            self._hooks = [StepInBackward(o, ddp, **kw) for o in self.driver.optimizers]
             self._window = False
 
     @override

@@ -45,9 +45,10 @@ import torch
 from ._base import CoapOptimizer
 from ._sharded import is_dtensor
 
-__all__ = ["REDUCTIONS", "StepInBackward", "step_in_backward"]
+__all__ = ["ACCUMULATIONS", "REDUCTIONS", "StepInBackward", "step_in_backward"]
 
 REDUCTIONS = ("projected", "full")
+ACCUMULATIONS = ("projected", "full")
 
 
 class StepInBackward:
@@ -59,6 +60,10 @@ class StepInBackward:
             any: its gradients are reduced (and the parameters stepped) in a communication hook.
         reduce: under DDP, ``"projected"`` (send ``G P`` for the layers that need only it) or
             ``"full"`` (average every gradient, as DDP does).
+        accumulate: ``"projected"`` (micro-batches before the last accumulate ``G P`` where a
+            layer's step needs only that: less memory, one projection per micro-batch) or
+            ``"full"`` (they accumulate ``.grad`` as in the normal mode: no extra products, the
+            gradients' memory until the last micro-batch).
 
     Attributes:
         stepping: whether the next backward pass is the last micro-batch of a step (default
@@ -78,13 +83,19 @@ class StepInBackward:
                 opt.zero_grad()
     """
 
-    def __init__(self, optimizer: CoapOptimizer, ddp: Any = None, *, reduce: str = "projected") -> None:
+    def __init__(
+        self, optimizer: CoapOptimizer, ddp: Any = None, *, reduce: str = "projected", accumulate: str = "projected"
+    ) -> None:
         if not isinstance(optimizer, CoapOptimizer):
             raise TypeError(
                 f"StepInBackward needs a COAP optimizer (coap_plugins.optim), got {type(optimizer).__name__}"
             )
         if reduce not in REDUCTIONS:
             raise ValueError(f"Invalid reduce: {reduce!r} (expected one of {', '.join(map(repr, REDUCTIONS))})")
+        if accumulate not in ACCUMULATIONS:
+            raise ValueError(
+                f"Invalid accumulate: {accumulate!r} (expected one of {', '.join(map(repr, ACCUMULATIONS))})"
+            )
         if optimizer._in_backward is not None:
             raise RuntimeError(f"{type(optimizer).__name__} already steps inside backward: remove() the other hooks")
         params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -104,6 +115,7 @@ class StepInBackward:
         self.optimizer = optimizer
         self.ddp = ddp
         self.reduce = reduce
+        self.accumulate = accumulate
         self.stepping = True
         self._lock = threading.Lock()  # a bucket's reduction completes on the process group's thread
         self._where: dict[torch.Tensor, tuple[int, int]] = {}
@@ -160,7 +172,11 @@ class StepInBackward:
             with self._lock:
                 opt._step_one(p, group, index, p.grad, opt._accumulated.pop(p, None))
             p.grad = None
-        elif (self.ddp is None or self.reduce == "projected") and opt._accumulates_projected(p, group, index):
+        elif (
+            self.accumulate == "projected"
+            and (self.ddp is None or self.reduce == "projected")
+            and opt._accumulates_projected(p, group, index)
+        ):
             opt._accumulate(p, group, index, p.grad)
             p.grad = None
         # else: the whole gradient accumulates in .grad, as in the normal mode
@@ -220,6 +236,8 @@ class StepInBackward:
         return sent, whole
 
 
-def step_in_backward(optimizer: CoapOptimizer, ddp: Any = None, *, reduce: str = "projected") -> StepInBackward:
+def step_in_backward(
+    optimizer: CoapOptimizer, ddp: Any = None, *, reduce: str = "projected", accumulate: str = "projected"
+) -> StepInBackward:
     """Run ``optimizer``'s step inside backward (see :class:`StepInBackward`); returns the hooks."""
-    return StepInBackward(optimizer, ddp, reduce=reduce)
+    return StepInBackward(optimizer, ddp, reduce=reduce, accumulate=accumulate)

@@ -169,6 +169,7 @@ class CoapConfig:
     seed: int = 0
     step_in_backward: bool = False
     backward_reduce: str = "projected"
+    backward_accumulate: str = "projected"
 
 
 @dataclass
@@ -304,6 +305,10 @@ class TrainConfig:
     processes; Composer's ``FSDP2Config``, Lightning's ``ModelParallelStrategy``; checkpoints
     are whole state dicts written by rank 0, so ``resume`` works as with DDP).  ``fsdp2`` does
     not combine with ``ema``, ``clip_grad_norm`` or ``compile`` yet.
+
+    ``coap.step_in_backward: true`` runs each parameter's COAP update inside the backward pass and
+    frees its gradient (see ``CoapAlgorithm`` / ``CoapCallback``); it does not combine with
+    ``clip_grad_norm``, ``precision: fp16`` or ``parallelism: fsdp2``.
     """
 
     trainer: str = "composer"
@@ -544,6 +549,18 @@ def _validate_training_knobs(cfg: TrainConfig) -> None:
                 raise ConfigError(
                     f"Invalid {key} with parallelism: fsdp2 (not supported together yet): remove {key}, or use "
                     "parallelism: ddp"
+                )
+    if cfg.coap is not None and cfg.coap.step_in_backward:
+        # what needs every gradient before any step, or shards them after the backward pass
+        for key, on, why in (
+            ("clip_grad_norm", cfg.clip_grad_norm is not None, "clips by the norm of every gradient"),
+            ("precision", cfg.precision == "fp16", "fp16 scales the loss (GradScaler) and may skip a step"),
+            ("parallelism", cfg.parallelism == "fsdp2", "fsdp2 reduce-scatters the gradients after backward"),
+        ):
+            if on:
+                raise ConfigError(
+                    f"Invalid {key} with coap.step_in_backward: true ({why}, which a step inside backward "
+                    f"cannot wait for): remove {key}, or set coap.step_in_backward: false"
                 )
     if cfg.ema is not None:
         if not 0 < cfg.ema.decay < 1:

@@ -4,7 +4,8 @@ Each rank trains the same SmallCNN with CoapAlgorithm on its shard of the digits
 saves its whole parameters and its optimizer's projectors to ``OUT/rank{R}.pt``: under DDP, or
 with ``--fsdp2`` under FSDP2 (``parallelism_config={"fsdp": FSDP2Config()}``), checkpointing every
 4 batches into ``--save`` (``--state-dict-type``: Composer's sharded or full checkpoints) or
-resuming from ``--load``.
+resuming from ``--load``.  ``--step-in-backward`` turns CoapAlgorithm's step_in_backward on,
+``--microbatch N`` splits each batch of 16 into micro-batches of N.
 """
 
 import argparse
@@ -26,6 +27,8 @@ def main() -> None:
     ap.add_argument("--save", default=None)
     ap.add_argument("--load", default=None)
     ap.add_argument("--state-dict-type", default="sharded")
+    ap.add_argument("--step-in-backward", action="store_true")
+    ap.add_argument("--microbatch", type=int, default=16)
     args = ap.parse_args()
     torch.set_num_threads(1)
     data = load_digits_tensors(size=16)
@@ -34,7 +37,13 @@ def main() -> None:
     loader = torch.utils.data.DataLoader(ds, batch_size=16, sampler=sampler)
     torch.manual_seed(0)
     model = ComposerClassifier(SmallCNN(), num_classes=10)
-    algorithm = CoapAlgorithm(rank_ratio_conv=4, min_conv_numel=0, update_interval=2, reproject_factor=2)
+    algorithm = CoapAlgorithm(
+        rank_ratio_conv=4,
+        min_conv_numel=0,
+        update_interval=2,
+        reproject_factor=2,
+        step_in_backward=args.step_in_backward,
+    )
     parallelism = None
     if args.fsdp2:
         from composer.utils.parallelism import FSDP2Config
@@ -47,6 +56,7 @@ def main() -> None:
         algorithms=[algorithm],
         parallelism_config=parallelism,
         max_duration="8ba",
+        device_train_microbatch_size=args.microbatch,
         device="cpu",
         seed=0,
         save_folder=args.save,

@@ -2,6 +2,8 @@
 
 Each rank trains the same SmallCNN with CoapCallback on its shard of the digits (Lightning's
 DistributedSampler) and saves its parameters and its optimizer's projectors to ``OUT/rank{R}.pt``.
+``OUT [ACCUMULATE [backward]]``: ``accumulate_grad_batches`` (the loader's batch of 16 split into
+that many), and CoapCallback's step_in_backward on.
 """
 
 import sys
@@ -28,20 +30,23 @@ class Classifier(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=2e-3)
 
 
-def main(out: str) -> None:
+def main(out: str, accumulate: int = 1, backward: bool = False) -> None:
     torch.set_num_threads(1)
     data = load_digits_tensors(size=16)
     ds = torch.utils.data.TensorDataset(data.x_train[:512], data.y_train[:512])
-    loader = torch.utils.data.DataLoader(ds, batch_size=16, shuffle=False)
+    loader = torch.utils.data.DataLoader(ds, batch_size=16 // accumulate, shuffle=False)
     torch.manual_seed(0)
     model = Classifier()
-    cb = CoapCallback(rank_ratio_conv=4, min_conv_numel=0, update_interval=2, reproject_factor=2)
+    cb = CoapCallback(
+        rank_ratio_conv=4, min_conv_numel=0, update_interval=2, reproject_factor=2, step_in_backward=backward
+    )
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
         num_nodes=1,
         strategy="ddp",
         max_steps=8,
+        accumulate_grad_batches=accumulate,
         callbacks=[cb],
         logger=False,
         enable_checkpointing=False,
@@ -56,4 +61,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 1, sys.argv[3:] == ["backward"])
