@@ -83,3 +83,20 @@ def test_fsdp2_step_quick_prints_its_table(tmp_path):
     assert sharded > 0 and replicated > 0 and 0 < float(cells[4]) < 1  # a rank holds less than the whole
     ordinary, correlation, svd = (int(x) for x in cells[8].split(" / "))
     assert 0 < ordinary < correlation and svd > 0  # the wide layers' projections are reduced every step
+
+
+@pytest.mark.slow
+def test_backward_step_quick_prints_its_table(tmp_path):
+    """The smoke run's three rows; the accumulation rows' weights: bit-equal with the default
+    residual, one step's update within 1e-5 with projected accumulation."""
+    out = tmp_path / "backward.md"
+    proc = run_script("backward_step.py", "--quick", "--out", str(out), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| MLP")]
+    cells = [[c.strip() for c in row.split("|")[1:-1]] for row in rows]
+    assert [c[1] for c in cells] == ["1, scaled", "4, scaled", "4, none"]
+    assert cells[0][-1] == cells[1][-1] == "bit-equal"
+    assert cells[2][-1].startswith("step 2: update within") and float(cells[2][-1].split()[4]) < 1e-5
+    for c in cells:
+        assert float(c[2]) > 0 and float(c[3]) > 0 and float(c[5]) > 0
+    assert float(cells[0][4]) > 0  # the peak falls without accumulation even on the small model

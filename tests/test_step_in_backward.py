@@ -308,3 +308,25 @@ def test_ddp_ranks_identical_and_equal_to_the_normal_mode(ddp_runs, optimizer, r
                 assert (a - b).abs().max() < 1e-5, step
         sent, whole = projected["reduced"]
         assert sent < 0.3 * whole  # measured 35394 of 136874 elements on an ordinary step
+
+
+def test_the_step_ignores_the_callers_autocast():
+    """backward() called inside a bf16 autocast region: the update is the fp32 one the normal
+    mode takes after the same backward pass."""
+    a, b = net(), net()
+    oa, ob = build(a), build(b)
+    StepInBackward(ob)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x, y = micro_batches(gen, 1)[0]
+        loss = nn.functional.cross_entropy(a(x), y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss.backward()  # the normal mode steps outside it
+        oa.step()
+        oa.zero_grad()
+        loss = nn.functional.cross_entropy(b(x), y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss.backward()  # the hooks step inside this region
+        ob.step()
+        ob.zero_grad()
+    assert_same(a, b)

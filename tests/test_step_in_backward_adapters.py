@@ -221,3 +221,30 @@ def test_lightning_ddp_accumulation_in_backward_equals_the_normal_mode(tmp_path)
     _launch("ddp_lightning.py", str(tmp_path / "normal"), "2")
     _launch("ddp_lightning.py", str(tmp_path / "backward"), "2", "backward")
     _ranks_equal_and_equal_to(tmp_path / "normal", tmp_path / "backward")
+
+
+def test_lightning_refuses_manual_optimization(digits, tmp_path):
+    class Manual(Classifier):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            loss = super().training_step(batch, batch_idx)
+            self.manual_backward(loss)
+            opt.step()
+            opt.zero_grad()
+
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        callbacks=[CoapCallback(step_in_backward=True)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    with pytest.raises(MisconfigurationException, match="manual optimization calls backward and step itself"):
+        trainer.fit(Manual(), loader(digits))

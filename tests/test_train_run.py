@@ -126,7 +126,7 @@ def test_both_trainers_train_the_same_model(tmp_path):
             assert a[key] == expected, (a, b)
 
 
-def _final_params(trainer, folder):
+def _final_params(trainer, folder, steps=7):
     """The checkpoint's model weights (the EMA when there is one) and, with an EMA, the training
     weights it keeps aside (prefixed ``training.``)."""
     if trainer == "composer":
@@ -140,7 +140,7 @@ def _final_params(trainer, folder):
                 params.update({f"training.{k}": v for k, v in ema["named_buffers_dict"].items()})
     else:
         state = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=False)
-        assert state["global_step"] == 7  # the end of training, off the 3-step interval
+        assert state["global_step"] == steps  # the end of training
         params = dict(state["state_dict"])
         params.update({f"training.{k}": v for k, v in state.get("current_model_state", {}).items()})
     return {k.replace("task.", ""): v for k, v in params.items() if "metrics" not in k}
@@ -334,3 +334,31 @@ def test_download_while_offline_says_so(tmp_path, monkeypatch):
         r"this machine may be offline\. Put cifar-10-batches-py on disk",
     ):
         run(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainer", ["composer", "lightning"])
+def test_step_in_backward_trains_the_same_run(tmp_path, trainer):
+    """``coap.step_in_backward: true`` with 2 micro-batches, an EMA and refreshes every 2 steps:
+    the same logged losses and metrics, and bit-equal checkpoint weights (the averaged and the
+    training ones), as the normal mode."""
+    args = [
+        *QUICK,
+        "ema.decay=0.8",
+        "accumulate=2",
+        "max_duration=5ba",
+        "eval_interval=5ba",
+        "checkpoint.interval=5ba",
+        "coap.update_interval=2",
+        "coap.reproject_factor=2",
+    ]
+    recipe = YAMLS / trainer / "resnet18_digits.yaml"
+    run(load_config(recipe, [*args, f"output_dir={tmp_path / 'normal'}"]))
+    run(load_config(recipe, [*args, "coap.step_in_backward=true", f"output_dir={tmp_path / 'backward'}"]))
+    a = _final_params(trainer, tmp_path / "normal" / "checkpoints", steps=5)
+    b = _final_params(trainer, tmp_path / "backward" / "checkpoints", steps=5)
+    assert a.keys() == b.keys() and "training.net.fc.weight" in a
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "time"} for r in rows]  # noqa: E731
+    assert strip(_rows(tmp_path / "normal")) == strip(_rows(tmp_path / "backward"))

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -112,6 +113,15 @@ class StepInBackward:
             trained = {id(p) for p in ddp.parameters() if p.requires_grad}
             if not all(id(p) in trained for p in params if p.requires_grad):
                 raise ValueError("ddp does not train every parameter of the optimizer: pass the module that does")
+        import torch.distributed as dist
+
+        if ddp is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            warnings.warn(
+                f"StepInBackward without ddp= in a group of {dist.get_world_size()} processes: each rank steps from "
+                "its own, unreduced gradient. Pass the DistributedDataParallel module (ddp=...) so the step waits "
+                "for the reduction",
+                stacklevel=2,
+            )
         self.optimizer = optimizer
         self.ddp = ddp
         self.reduce = reduce

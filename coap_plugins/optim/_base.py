@@ -635,7 +635,9 @@ class CoapOptimizer(Optimizer):
         """The step of one parameter (its gradient ``grad`` and accumulated core ``partial``),
         with the arithmetic of :meth:`step`; the group's pending refresh stays for the others."""
         self._local_states = []
-        self._refresh_seconds += self._run([(group, self._gather(group, {index: (grad, partial)}))])
+        # a backward pass may run under the caller's autocast: the step is fp32 as in step()
+        with torch.autocast(p.device.type, enabled=False):
+            self._refresh_seconds += self._run([(group, self._gather(group, {index: (grad, partial)}))])
         self._stepped.add(p)
 
     def _set_up(self, work: list[tuple[dict[str, Any], _Plan]]) -> None:
