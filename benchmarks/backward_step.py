@@ -233,7 +233,12 @@ def main() -> None:
     if args.out:
         Path(args.out).write_text(
             "# Step inside backward: peak memory and time\n\n"
-            "`OMP_NUM_THREADS=1 .venv/bin/python benchmarks/backward_step.py`\n\n" + out + "\n"
+            f"`OMP_NUM_THREADS=1 .venv/bin/python benchmarks/backward_step.py --steps {steps}"
+            + (" --quick" if args.quick else "")
+            + (" --device cuda" if device.type == "cuda" else "")
+            + "`\n\n"
+            + out
+            + "\n"
         )
 
 
