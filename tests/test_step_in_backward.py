@@ -289,7 +289,7 @@ def test_ddp_ranks_identical_and_equal_to_the_normal_mode(ddp_runs, optimizer, r
     rank-deficient layers whose basis completion follows rounding, as under FSDP2)."""
     base = f"{optimizer}_{residual}_acc{accum}"
     normal = _ddp(ddp_runs, base + "_normal", 0)
-    for mode in ("normal", "full", "projected"):
+    for mode in ("normal", "full", "projected", "unmarked"):
         r0, r1 = _ddp(ddp_runs, f"{base}_{mode}", 0), _ddp(ddp_runs, f"{base}_{mode}", 1)
         for a, b in zip(r0["params"], r1["params"]):
             assert torch.equal(a, b), mode
@@ -297,6 +297,12 @@ def test_ddp_ranks_identical_and_equal_to_the_normal_mode(ddp_runs, optimizer, r
     full = _ddp(ddp_runs, base + "_full", 0)
     for a, b in zip(full["params"], normal["params"]):
         assert torch.equal(a, b)
+    # no pass marked as the last (an adapter that could not count the batch): step() steps, and
+    # the cores accumulated under no_sync are averaged there
+    unmarked = _ddp(ddp_runs, base + "_unmarked", 0)
+    for step in range(5 if residual == "none" else 7):
+        for a, b in zip(unmarked["history"][step], normal["history"][step]):
+            assert (a - b).abs().max() < 1e-5 if residual == "none" else torch.equal(a, b), step
     projected = _ddp(ddp_runs, base + "_projected", 0)
     if residual == "scaled":
         for a, b in zip(projected["params"], normal["params"]):
@@ -349,3 +355,13 @@ def test_a_compiled_model_steps_in_backward_as_the_normal_mode():
     b = fit(True)
     assert all(p.grad is None for p in b.parameters())
     assert_same(fit(False), b)
+
+
+def test_a_second_backward_pass_before_step_is_refused():
+    model = net()
+    opt = build(model)
+    StepInBackward(opt)
+    x, y = micro_batches(torch.Generator().manual_seed(0), 1)[0]
+    nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="stepped by an earlier backward pass of this step"):
+        nn.functional.cross_entropy(model(x), y).backward()

@@ -95,7 +95,10 @@ def test_composer_resumes_across_modes(digits, tmp_path, first):
     "kw, match",
     [
         (dict(algorithms=[GradientClipping(clipping_type="norm", clipping_threshold=1.0)]), "GradientClipping"),
-        (dict(algorithms=[SAM()]), "the optimizer is wrapped \\(SAMOptimizer\\)"),
+        (
+            dict(algorithms=[SAM()]),
+            "an optimizer is not a COAP optimizer \\(a wrapper, or another optimizer: SAMOptimizer\\)",
+        ),
     ],
 )
 def test_composer_refuses_what_needs_every_gradient(digits, kw, match):

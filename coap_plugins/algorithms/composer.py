@@ -326,7 +326,10 @@ class CoapAlgorithm(DrivenAdapter, Algorithm):
             why = "FSDP2 reduce-scatters the gradients after the backward pass"
         elif any(not isinstance(o, CoapOptimizer) for o in state.optimizers):
             names = ", ".join(type(o).__name__ for o in state.optimizers)
-            why = f"the optimizer is wrapped ({names}): a wrapper's step (SAM's two passes) cannot run per parameter"
+            why = (
+                f"an optimizer is not a COAP optimizer (a wrapper, or another optimizer: {names}): its step "
+                "(SAM's two passes) cannot run per parameter"
+            )
         if why is not None:
             raise ValueError(f"CoapAlgorithm(step_in_backward=True): {why}; remove it, or set step_in_backward=False")
         from torch.nn.parallel import DistributedDataParallel

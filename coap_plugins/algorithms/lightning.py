@@ -352,8 +352,9 @@ class CoapCallback(DrivenAdapter, Callback):
             wrapped = [type(o).__name__ for o in trainer.optimizers if not isinstance(o, CoapOptimizer)]
             if wrapped:
                 raise MisconfigurationException(
-                    f"CoapCallback(step_in_backward=True): the optimizer is wrapped ({', '.join(wrapped)}): a "
-                    "wrapper's step cannot run per parameter; remove it, or set step_in_backward=False"
+                    "CoapCallback(step_in_backward=True): an optimizer is not a COAP optimizer (a wrapper, or "
+                    f"another optimizer: {', '.join(wrapped)}): its "
+                    "step cannot run per parameter; remove it, or set step_in_backward=False"
                 )
             from torch.nn.parallel import DistributedDataParallel
 

@@ -130,10 +130,10 @@ class StepInBackward:
         self._lock = threading.Lock()  # a bucket's reduction completes on the process group's thread
         self._where: dict[torch.Tensor, tuple[int, int]] = {}
         self._index()
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params if p.requires_grad]
         self._removed = False
-        if ddp is not None:
+        if ddp is not None:  # first: DDP refuses a second communication hook, and nothing is left hooked
             ddp.register_comm_hook(None, self._comm_hook)
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params if p.requires_grad]
         optimizer._in_backward = self
 
     def _index(self) -> None:
@@ -178,6 +178,7 @@ class StepInBackward:
         syncing = self.ddp is not None and self.ddp.require_backward_grad_sync
         if syncing:
             return  # DDP reduces this gradient; the communication hook steps the layer after it
+        self._check_not_stepped(p)
         if self.stepping and self.ddp is None:
             with self._lock:
                 opt._step_one(p, group, index, p.grad, opt._accumulated.pop(p, None))
@@ -203,6 +204,7 @@ class StepInBackward:
         opt = self.optimizer
         entries = []
         for p, g in zip(bucket.parameters(), bucket.gradients()):
+            self._check_not_stepped(p)
             group, index = self._locate(p)
             if self.reduce == "projected" and opt._accumulates_projected(p, group, index):
                 opt._accumulate(p, group, index, g)
@@ -220,9 +222,17 @@ class StepInBackward:
                 views.append(flat[offset : offset + t.numel()].view(t.shape))
                 offset += t.numel()
 
+        # the callback runs on another stream (CUDA): the step goes on this one, after the reduction,
+        # so the caching allocator's reuse of what the step frees stays ordered with the backward pass
+        stream = torch.cuda.current_stream(buffer.device) if buffer.is_cuda else None
+
         def step(fut: torch.futures.Future) -> torch.Tensor:
             fut.wait()
-            with self._lock:
+            ctx = contextlib.nullcontext()
+            if stream is not None:
+                stream.wait_stream(torch.cuda.current_stream(buffer.device))
+                ctx = torch.cuda.stream(stream)
+            with self._lock, ctx:
                 for (p, group, index, core), t in zip(entries, views):
                     if core is None:
                         opt._step_one(p, group, index, t, None)
@@ -231,6 +241,29 @@ class StepInBackward:
             return buffer
 
         return dist.all_reduce(flat, group=pg, async_op=True).get_future().then(step)
+
+    def _check_not_stepped(self, p: torch.Tensor) -> None:
+        if p in self.optimizer._stepped:
+            raise RuntimeError(
+                "StepInBackward: a parameter was stepped by an earlier backward pass of this step; call "
+                "optimizer.step() after each step's last backward pass (and run the passes before it under "
+                "no_step() or DDP's no_sync())"
+            )
+
+    def before_step(self) -> None:
+        """Called by ``optimizer.step()``: under DDP, cores accumulated in micro-batches whose
+        last pass did not step (a batch an adapter could not count, gradients DDP never synced)
+        are averaged here, so every rank steps the same values."""
+        held = self.optimizer._accumulated
+        if self.ddp is None or not held:
+            return
+        import torch.distributed as dist
+
+        pg = self.ddp.process_group
+        world = dist.get_world_size(pg)
+        for core in held.values():
+            core.div_(world)
+            dist.all_reduce(core, group=pg)
 
     def reduced_elements(self) -> tuple[int, int]:
         """``(elements a step with ``reduce="projected"`` all-reduces, elements of the whole

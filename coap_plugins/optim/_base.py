@@ -499,6 +499,8 @@ class CoapOptimizer(Optimizer):
         if self.batched_products not in (None, True, False):
             raise ValueError(f"Invalid batched_products: {self.batched_products!r} (expected True, False or None)")
         self._local_states = []
+        if self._in_backward is not None:
+            self._in_backward.before_step()
         # in backward mode (see _backward) the layers stepped by the backward pass are done: the
         # rest (a step whose last micro-batch was not marked, accumulated cores) steps here
         seconds = self._run([(group, self._gather(group)) for group in self.param_groups])

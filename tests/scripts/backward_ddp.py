@@ -2,10 +2,12 @@
 
 ``backward_ddp.py OUT [--steps N]``: for each optimizer, residual and accumulation (1 and 4
 micro-batches, the ones before the last under ``no_sync``), trains the same small conv + linear
-model from the same start on rank-specific data in three modes: ``normal`` (DDP's own
+model from the same start on rank-specific data in four modes: ``normal`` (DDP's own
 reduction, ``optimizer.step()`` after backward), ``full`` (StepInBackward, the bucket averaged
-as DDP does, then stepped) and ``projected`` (StepInBackward sending ``G P`` where that is all a
-layer needs).  Writes ``OUT/<optimizer>_<residual>_acc<k>_<mode>_rank<r>.pt`` (the parameters
+as DDP does, then stepped), ``projected`` (StepInBackward sending ``G P`` where that is all a
+layer needs) and ``unmarked`` (projected, but no backward pass marked as a step's last, so
+``optimizer.step()`` steps, averaging the accumulated cores itself).
+Writes ``OUT/<optimizer>_<residual>_acc<k>_<mode>_rank<r>.pt`` (the parameters
 after every step and the optimizer's state dict) and, for ``projected``, the elements one ordinary step reduces.
 """
 
@@ -53,7 +55,9 @@ def train(name: str, residual: str, accum: int, mode: str, steps: int, rank: int
         reproject_factor=2,
         residual=residual,
     )
-    hooks = None if mode == "normal" else StepInBackward(opt, ddp, reduce=mode)
+    hooks = None if mode == "normal" else StepInBackward(opt, ddp, reduce="full" if mode == "full" else "projected")
+    if mode == "unmarked":  # no pass is marked as the last: optimizer.step() steps (and reduces the cores)
+        hooks.stepping = False
     gen = torch.Generator().manual_seed(100 + rank)
     sent, history = None, []
     for _ in range(steps):
@@ -88,7 +92,7 @@ def main() -> None:
     for name in OPTIMIZERS:
         for residual in ("none", "scaled"):
             for accum in (1, 4):
-                for mode in ("normal", "full", "projected"):
+                for mode in ("normal", "full", "projected", "unmarked"):
                     out = train(name, residual, accum, mode, args.steps, rank)
                     torch.save(out, args.out / f"{name}_{residual}_acc{accum}_{mode}_rank{rank}.pt")
     dist.destroy_process_group()
